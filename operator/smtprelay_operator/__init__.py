@@ -1,0 +1,1 @@
+"""smtprelay_operator: the kopf operator that runs SmtpRelay resources."""

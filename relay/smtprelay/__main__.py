@@ -1,0 +1,5 @@
+import sys
+
+from smtprelay.cli import main
+
+sys.exit(main())

@@ -1,0 +1,147 @@
+"""Queue administration: what ``mailq``, ``postqueue -f`` and ``postsuper -d`` give a Postfix admin.
+
+These work on the spool directory, next to a running relay: ``flush`` asks the relay (by the
+PID in the spool) to try everything now, ``delete`` and ``bounce`` remove the message file
+first, so a relay that has not yet started an attempt finds nothing to send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import signal
+from dataclasses import dataclass
+
+from smtprelay import bounce
+from smtprelay.spool import PID_FILE, Spool
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    arrived: str
+    size: int
+    sender: str
+    pending: tuple[str, ...]
+    attempts: int
+
+
+def _stamp(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def list_queue(spool: Spool) -> list[Row]:
+    rows = []
+    for queue_id in spool.ids():
+        try:
+            envelope = spool.read_envelope(queue_id)
+            size = (spool.queue_dir / f"{queue_id}.eml").stat().st_size
+        except FileNotFoundError:
+            continue  # delivered while we looked
+        state = spool.load_state(queue_id)
+        rows.append(
+            Row(
+                id=queue_id,
+                arrived=_stamp(envelope.received),
+                size=size,
+                sender=envelope.sender or "<>",
+                pending=state.pending(envelope),
+                attempts=state.attempts,
+            )
+        )
+    return rows
+
+
+def format_rows(rows: list[Row]) -> str:
+    if not rows:
+        return "Mail queue is empty\n"
+    lines = [
+        f"{'Queue ID':<22} {'Size':>8} {'Arrived (UTC)':<19} {'Tries':>5}  Sender / Recipients"
+    ]
+    for row in rows:
+        lines.append(
+            f"{row.id:<22} {row.size:>8} {row.arrived:<19} {row.attempts:>5}  {row.sender}"
+        )
+        lines.extend(f"{'':<59}{recipient}" for recipient in row.pending)
+    lines.append(f"-- {len(rows)} message(s)")
+    return "\n".join(lines) + "\n"
+
+
+def show(spool: Spool, queue_id: str) -> str:
+    envelope, data = spool.read(queue_id)
+    state = spool.load_state(queue_id)
+    lines = [
+        f"id: {envelope.id}",
+        f"arrived: {_stamp(envelope.received)} UTC",
+        f"client: {envelope.client}",
+        f"sender: {envelope.sender or '<>'}",
+        f"attempts: {state.attempts}",
+        f"next attempt: {_stamp(state.due) + ' UTC' if state.due else 'now'}",
+    ]
+    for recipient in envelope.recipients:
+        status = (
+            "delivered"
+            if recipient in state.delivered
+            else "failed"
+            if recipient in state.failed
+            else "pending"
+        )
+        lines.append(f"recipient: {recipient} ({status})")
+    lines += ["", data.decode("utf-8", "replace")]
+    return "\n".join(lines)
+
+
+def signal_relay(spool: Spool) -> int | None:
+    """SIGUSR1 to the relay serving this spool: make every message due now."""
+    try:
+        pid = int((spool.root / PID_FILE).read_text().strip())
+        os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError):
+        return None
+    return pid
+
+
+def flush(spool: Spool) -> tuple[int, int | None]:
+    """Mark every message due now, on disk and in the running relay."""
+    count = 0
+    for queue_id in list(spool.ids()):
+        with contextlib.suppress(FileNotFoundError):
+            spool.reschedule(queue_id, 0.0)
+            count += 1
+    return count, signal_relay(spool)
+
+
+def delete(spool: Spool, queue_id: str) -> bool:
+    return spool.remove(queue_id)
+
+
+def bounce_message(spool: Spool, queue_id: str, *, hostname: str, now: float) -> bool:
+    """Fail every pending recipient and return the message to its sender."""
+    try:
+        envelope, data = spool.read(queue_id)
+    except FileNotFoundError:
+        return False
+    pending = spool.load_state(queue_id).pending(envelope)
+    if not spool.remove(queue_id):
+        return False  # the relay finished it meanwhile
+    if envelope.sender and pending:
+        failures = [
+            bounce.Failure(recipient, "5.0.0", "returned to sender by the administrator")
+            for recipient in pending
+        ]
+        report = bounce.build_report(
+            queue_id=queue_id,
+            sender=envelope.sender,
+            failures=failures,
+            headers=bounce.original_headers(data),
+            hostname=hostname,
+            arrival=envelope.received,
+            now=now,
+        )
+        asyncio.run(
+            spool.enqueue(sender="", recipients=(envelope.sender,), data=report, client="admin")
+        )
+        signal_relay(spool)
+    return True

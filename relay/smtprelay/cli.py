@@ -1,0 +1,107 @@
+"""``smtprelay``: serve, check-config, and queue administration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+import time
+from pathlib import Path
+
+from smtprelay import admin
+from smtprelay.config import ConfigError, RelayConfig, load_config
+from smtprelay.spool import Spool
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smtprelay", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the relay until SIGTERM")
+    serve.add_argument("--config", type=Path, required=True, help="path to relay.yaml")
+
+    check = commands.add_parser("check-config", help="validate relay.yaml and exit")
+    check.add_argument("--config", type=Path, required=True, help="path to relay.yaml")
+
+    queue = commands.add_parser("queue", help="inspect and manage the spool")
+    where = queue.add_mutually_exclusive_group(required=True)
+    where.add_argument("--spool", type=Path, help="the spool directory")
+    where.add_argument("--config", type=Path, help="relay.yaml naming the spool directory")
+    actions = queue.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every queued message (like mailq)")
+    actions.add_parser("flush", help="attempt every message now (like postqueue -f)")
+    for name, text in (
+        ("show", "a message's envelope, state and content"),
+        ("delete", "remove a message without notice (like postsuper -d)"),
+        ("bounce", "fail a message and return it to its sender"),
+    ):
+        actions.add_parser(name, help=text).add_argument("id", help="queue id")
+    return parser
+
+
+def _load(path: Path) -> RelayConfig | None:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"{path}: {problem}", file=sys.stderr)
+        return None
+
+
+def _queue(args: argparse.Namespace) -> int:
+    hostname = socket.getfqdn()
+    if args.config is not None:
+        config = _load(args.config)
+        if config is None:
+            return 1
+        spool_dir, hostname = config.spool_dir, config.hostname or hostname
+    else:
+        spool_dir = args.spool
+    if not spool_dir.is_dir():
+        print(f"smtprelay queue: {spool_dir} is not a spool directory", file=sys.stderr)
+        return 1
+    spool = Spool(spool_dir)
+    if args.action == "list":
+        sys.stdout.write(admin.format_rows(admin.list_queue(spool)))
+        return 0
+    if args.action == "flush":
+        count, pid = admin.flush(spool)
+        relay = f"relay (pid {pid}) notified" if pid else "no running relay found"
+        print(f"{count} message(s) due now; {relay}")
+        return 0
+    if not spool.contains(args.id):
+        print(f"smtprelay queue {args.action}: no message {args.id} in the queue", file=sys.stderr)
+        return 1
+    if args.action == "show":
+        sys.stdout.write(admin.show(spool, args.id))
+        return 0
+    if args.action == "delete":
+        done = admin.delete(spool, args.id)
+    else:
+        done = admin.bounce_message(spool, args.id, hostname=hostname, now=time.time())
+    print(f"{args.id}: {args.action}d" if done else f"{args.id}: already gone")
+    return 0 if done else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        config = _load(args.config)
+        if config is None:
+            return 1
+        print(f"{args.config}: ok")
+        return 0
+    if args.command == "serve":
+        config = _load(args.config)
+        if config is None:
+            return 1
+        from smtprelay import service  # the server's imports are only needed to serve
+
+        asyncio.run(service.run(config))
+        return 0
+    return _queue(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The SMTP client: one connection per destination carries all of its recipients.
+
+Replies are classified per recipient (RFC 5321 §4.2.1): 2xx delivered, 4xx and connection
+failures deferred, 5xx failed. STARTTLS is used whenever the peer offers it (opportunistic,
+unverified, as for MX delivery in general); it is required before AUTH at a gateway.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import aiosmtplib
+
+Outcome = Literal["delivered", "deferred", "failed"]
+
+
+@dataclass(frozen=True)
+class Result:
+    """What became of one recipient on one attempt."""
+
+    outcome: Outcome
+    code: int
+    text: str
+    host: str = ""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+
+def classify(code: int) -> Outcome:
+    if 200 <= code < 300:
+        return "delivered"
+    if 500 <= code < 600:
+        return "failed"
+    return "deferred"
+
+
+def _unverified_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+Transcript = Callable[[str, str], None]
+
+
+async def _deliver_once(
+    *,
+    address: str,
+    port: int,
+    helo: str,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: bytes,
+    credentials: Credentials | None,
+    timeout: float,
+) -> dict[str, Result]:
+    client = aiosmtplib.SMTP(
+        hostname=address,
+        port=port,
+        local_hostname=helo,
+        timeout=timeout,
+        start_tls=True if credentials else None,
+        validate_certs=False,
+        tls_context=_unverified_context(),
+    )
+    await client.connect()
+    try:
+        if credentials is not None:
+            await client.login(credentials.username, credentials.password)
+        await client.mail(sender)
+        results: dict[str, Result] = {}
+        accepted: list[str] = []
+        for recipient in recipients:
+            try:
+                reply = await client.rcpt(recipient)
+            except aiosmtplib.SMTPRecipientRefused as error:
+                results[recipient] = Result(
+                    classify(error.code), error.code, error.message, address
+                )
+            else:
+                accepted.append(recipient)
+                results[recipient] = Result("delivered", reply.code, reply.message, address)
+        if accepted:
+            try:
+                reply = await client.data(data)
+            except aiosmtplib.SMTPResponseException as error:
+                for recipient in accepted:
+                    results[recipient] = Result(
+                        classify(error.code), error.code, error.message, address
+                    )
+            else:
+                for recipient in accepted:
+                    results[recipient] = Result("delivered", reply.code, reply.message, address)
+        return results
+    finally:
+        try:
+            await client.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            client.close()
+
+
+async def deliver(
+    *,
+    addresses: tuple[str, ...],
+    port: int,
+    helo: str,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: bytes,
+    credentials: Credentials | None = None,
+    timeout: float = 60.0,
+) -> dict[str, Result]:
+    """Deliver to the first address that takes the transaction; try the next on failure.
+
+    A connection failure, a refusing greeting or a 4xx to MAIL FROM moves on to the next
+    address (RFC 5321 §5.1); a 5xx to MAIL FROM fails every recipient.
+    """
+    last = Result("deferred", 451, "no address to deliver to")
+    for address in addresses:
+        try:
+            return await _deliver_once(
+                address=address,
+                port=port,
+                helo=helo,
+                sender=sender,
+                recipients=recipients,
+                data=data,
+                credentials=credentials,
+                timeout=timeout,
+            )
+        except aiosmtplib.SMTPSenderRefused as error:
+            last = Result(classify(error.code), error.code, error.message, address)
+            if last.outcome == "failed":
+                break
+        except aiosmtplib.SMTPResponseException as error:
+            # A refusing greeting or AUTH is the destination's (or our config's) problem to
+            # fix, not a verdict on the message: defer.
+            last = Result("deferred", error.code, error.message, address)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            last = Result("deferred", 451, f"{address}:{port}: {error}", address)
+    return dict.fromkeys(recipients, last)

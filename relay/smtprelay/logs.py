@@ -1,0 +1,244 @@
+"""Where log lines go: the original product's Log To, rebuilt on structlog.
+
+Two channels. *Mail* events (one canonical line per accepted or refused message and per
+delivery attempt, plus transcripts when ``debug`` is on) go to ``logging.target``: a day file
+``<spoolDir>/sysMMDD.txt``, stdout, RFC 5424 syslog, or nowhere. *System* events (start-up,
+shutdown, errors) always reach stdout as well, so ``kubectl logs`` is never empty.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import structlog
+
+from smtprelay.config import Logging, split_hostport
+
+_SEVERITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+_FACILITY_MAIL = 2
+
+
+class Sink(Protocol):
+    def write(self, event: MutableMapping[str, Any]) -> None: ...
+
+
+def _json(event: MutableMapping[str, Any]) -> str:
+    return json.dumps(event, default=str, separators=(",", ":"))
+
+
+class StreamSink:
+    """JSON lines, unbuffered; a human-friendly rendering on a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._pretty = stream.isatty()
+        self._console = structlog.dev.ConsoleRenderer(colors=False) if self._pretty else None
+        self._lock = threading.Lock()
+
+    def write(self, event: MutableMapping[str, Any]) -> None:
+        if self._console is not None:
+            line = str(self._console(None, "", dict(event)))
+        else:
+            line = _json(event)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+def day_file_name(day: dt.date) -> str:
+    return f"sys{day.month:02d}{day.day:02d}.txt"
+
+
+class DayFileSink:
+    """``sysMMDD.txt`` in the spool directory, a new file each day, pruned by age.
+
+    The name carries no year, so a file last written in an earlier year is started afresh
+    rather than appended to.
+    """
+
+    def __init__(
+        self, directory: Path, retention_days: int, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._directory = directory
+        self._retention = retention_days
+        self._clock = clock
+        self._day: dt.date | None = None
+        self._handle: TextIO | None = None
+        self._lock = threading.Lock()
+
+    def _open(self, today: dt.date) -> TextIO:
+        if self._handle is not None:
+            self._handle.close()
+        path = self._directory / day_file_name(today)
+        mode = "a"
+        try:
+            written = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC).date()
+            if written.year != today.year or (today - written).days > 1:
+                mode = "w"  # a stale file of the same month and day
+        except FileNotFoundError:
+            pass
+        self.prune(today)
+        self._day = today
+        handle = path.open("a" if mode == "a" else "w", encoding="utf-8")
+        self._handle = handle
+        return handle
+
+    def prune(self, today: dt.date) -> list[Path]:
+        """Remove day files last written more than ``retention_days`` before ``today``."""
+        removed = []
+        cutoff = dt.datetime.combine(today, dt.time(), dt.UTC).timestamp() - (
+            self._retention * 86400
+        )
+        for path in self._directory.glob("sys[0-9][0-9][0-9][0-9].txt"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def write(self, event: MutableMapping[str, Any]) -> None:
+        now = self._clock()
+        today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+        with self._lock:
+            handle = self._handle if self._day == today and self._handle else self._open(today)
+            handle.write(_json(event) + "\n")
+            handle.flush()
+            os.utime(handle.fileno(), (now, now))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+
+
+class SyslogSink:
+    """RFC 5424 messages, facility mail, over UDP or TCP (octet-counted, RFC 6587)."""
+
+    def __init__(self, server: str, protocol: str, hostname: str) -> None:
+        self._address = split_hostport(server, 514)
+        self._protocol = protocol
+        self._hostname = hostname or "-"
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def format(self, event: MutableMapping[str, Any]) -> bytes:
+        severity = _SEVERITY.get(str(event.get("level", "info")), 6)
+        stamp = event.get("timestamp") or dt.datetime.now(dt.UTC).isoformat()
+        msgid = str(event.get("event", "-")).replace(" ", "_")[:32] or "-"
+        header = (
+            f"<{_FACILITY_MAIL * 8 + severity}>1 {stamp} {self._hostname} smtprelay "
+            f"{os.getpid()} {msgid} -"
+        )
+        return f"{header} {_json(event)}".encode()
+
+    def _connect(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self._address[0] else socket.AF_INET
+        kind = socket.SOCK_DGRAM if self._protocol == "udp" else socket.SOCK_STREAM
+        sock = socket.socket(family, kind)
+        if kind == socket.SOCK_STREAM:
+            sock.settimeout(5)
+            sock.connect(self._address)
+        return sock
+
+    def write(self, event: MutableMapping[str, Any]) -> None:
+        payload = self.format(event)
+        with self._lock:
+            try:
+                if self._sock is None:
+                    self._sock = self._connect()
+                if self._protocol == "udp":
+                    self._sock.sendto(payload, self._address)
+                else:
+                    self._sock.sendall(f"{len(payload)} ".encode() + payload)
+            except OSError as error:
+                if self._sock is not None:
+                    self._sock.close()
+                self._sock = None
+                sys.stderr.write(f"smtprelay: syslog to {self._address}: {error}\n")
+
+
+class _Router:
+    def __init__(self) -> None:
+        self.stdout: Sink = StreamSink(sys.stdout)
+        self.mail: Sink | None = self.stdout
+        self.debug = False
+
+    def __call__(
+        self, _logger: Any, _method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        channel = event.pop("_channel", "system")
+        if channel == "system":
+            self.stdout.write(event)
+            if self.mail is not None and self.mail is not self.stdout:
+                self.mail.write(event)
+        elif self.mail is not None and (channel == "mail" or self.debug):
+            self.mail.write(event)
+        raise structlog.DropEvent
+
+
+_ROUTER = _Router()
+
+
+def _configure_structlog() -> None:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _ROUTER,
+        ],
+        logger_factory=structlog.ReturnLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+
+
+_configure_structlog()
+
+
+def configure(
+    settings: Logging, *, spool_dir: Path, hostname: str, clock: Callable[[], float] = time.time
+) -> None:
+    """Point the mail channel at ``settings.target``."""
+    sink: Sink | None
+    if settings.target == "file":
+        spool_dir.mkdir(parents=True, exist_ok=True)
+        sink = DayFileSink(spool_dir, settings.retention_days, clock)
+    elif settings.target == "syslog":
+        assert settings.syslog_server is not None
+        sink = SyslogSink(settings.syslog_server, settings.syslog_protocol, hostname)
+    elif settings.target == "stdout":
+        sink = _ROUTER.stdout
+    else:
+        sink = None
+    _ROUTER.mail = sink
+    _ROUTER.debug = settings.debug
+
+
+def mail_log() -> Any:
+    return structlog.get_logger().bind(_channel="mail")
+
+
+def system_log() -> Any:
+    return structlog.get_logger().bind(_channel="system")
+
+
+def transcript_log() -> Any:
+    """SMTP transcripts: written to the mail target only when ``logging.debug`` is on."""
+    return structlog.get_logger().bind(_channel="debug")
+
+
+def debug_enabled() -> bool:
+    return _ROUTER.debug

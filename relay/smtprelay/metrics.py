@@ -1,0 +1,106 @@
+"""Prometheus metrics, and the HTTP endpoint that serves them with the health probes.
+
+``/healthz`` answers while the process runs; ``/readyz`` only while the SMTP listener is up
+and the spool is writable, so Kubernetes routes no mail to a relay that cannot keep it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+@dataclass
+class _Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.accepted = Counter(
+            "smtprelay_messages_accepted", "Messages accepted and spooled.", registry=r
+        )
+        self.refused = Counter(
+            "smtprelay_messages_refused",
+            "Commands or messages refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.attempts = Counter(
+            "smtprelay_delivery_attempts",
+            "Per-recipient delivery outcomes (delivered, deferred, failed), by route.",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.bounced = Counter(
+            "smtprelay_recipients_bounced", "Recipients returned to the sender.", registry=r
+        )
+        self.latency = Histogram(
+            "smtprelay_delivery_latency_seconds",
+            "Time from acceptance to delivery, per recipient.",
+            buckets=(0.1, 0.5, 1, 5, 30, 60, 300, 1800, 3600, 14400, 86400),
+            registry=r,
+        )
+        self.connections = Counter(
+            "smtprelay_connections", "SMTP connections accepted.", registry=r
+        )
+        self.queue_size = Gauge("smtprelay_queue_messages", "Messages in the spool.", registry=r)
+        self.oldest = Gauge(
+            "smtprelay_queue_oldest_message_age_seconds",
+            "Age of the oldest message in the spool.",
+            registry=r,
+        )
+
+
+METRICS = _Metrics()
+
+
+def _response(status: str, body: bytes, content_type: str = "text/plain") -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def serve_http(
+    host: str, port: int, *, ready: Callable[[], bool], refresh: Callable[[], None]
+) -> asyncio.Server:
+    """A minimal HTTP/1.1 server for /metrics, /healthz and /readyz."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = request.decode("latin-1").split()
+            path = parts[1] if len(parts) > 1 else "/"
+            if path == "/healthz":
+                writer.write(_response("200 OK", b"ok\n"))
+            elif path == "/readyz":
+                ok = ready()
+                writer.write(
+                    _response("200 OK", b"ready\n")
+                    if ok
+                    else _response("503 Service Unavailable", b"not ready\n")
+                )
+            elif path == "/metrics":
+                refresh()
+                writer.write(
+                    _response("200 OK", generate_latest(METRICS.registry), CONTENT_TYPE_LATEST)
+                )
+            else:
+                writer.write(_response("404 Not Found", b"not found\n"))
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    return await asyncio.start_server(handle, host, port)

@@ -1,0 +1,246 @@
+"""The SMTP front door: protocol, relay policy, and 250 only once the message is on disk.
+
+aiosmtpd speaks the protocol; this module's handler decides who may relay (``allowedNetworks``
+or an authenticated session), rewrites bare user ids to the default mail host, refuses mail
+loops, stamps a ``Received:`` header and hands the message to the spool. It knows nothing of
+delivery: the spool is the interface.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import errno
+import ipaddress
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from smtprelay.config import MailSettings
+from smtprelay.logs import mail_log
+from smtprelay.metrics import METRICS
+from smtprelay.spool import Spool, new_queue_id
+
+MAX_HOPS = 50
+MAX_RECIPIENTS = 1000
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DOMAIN = rf"({_LABEL}(\.{_LABEL})*|\[(IPv6:)?[0-9A-Fa-f:.]+\])"
+_LOCAL = r"[^@\s<>()\[\],;:\"\\]{1,64}|\"[^\"\\\r\n]{1,62}\""
+ADDRESS = re.compile(rf"^({_LOCAL})@{_DOMAIN}$")
+BARE_USER = re.compile(rf"^({_LOCAL})$")
+
+# aiosmtpd's stock replies, given the enhanced status codes (RFC 3463) clients log.
+_ENHANCED = {
+    "552 Error: Too much mail data": "552 5.3.4 Message size exceeds the maximum allowed",
+    "552 Error: message size exceeds fixed maximum message size": (
+        "552 5.3.4 Message size exceeds the maximum allowed"
+    ),
+    "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)",
+}
+
+
+def parse_networks(cidrs: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
+
+
+def client_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    host = peer[0] if isinstance(peer, tuple) else peer
+    try:
+        address = ipaddress.ip_address(str(host).split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def count_hops(data: bytes) -> int:
+    """How many Received: headers the message already carries."""
+    head = re.split(rb"\r?\n\r?\n", data, maxsplit=1)[0]
+    return len(re.findall(rb"(?im)^received:", head))
+
+
+def received_header(
+    *,
+    helo: str,
+    peer_ip: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipient: str,
+    now: float,
+) -> bytes:
+    """The trace header RFC 5321 §4.4 asks every relay to add."""
+    single = f"\r\n\tfor <{recipient}>" if recipient else ""
+    return (
+        f"Received: from {helo or 'unknown'} ([{peer_ip}])\r\n"
+        f"\tby {hostname} (smtprelay) with {protocol} id {queue_id}{single};\r\n"
+        f"\t{email.utils.formatdate(now)}\r\n"
+    ).encode("utf-8", "replace")
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol with RFC 3463 status codes on its stock size and line replies."""
+
+    async def push(self, status: str) -> None:  # type: ignore[override]
+        await super().push(_ENHANCED.get(status, status))
+
+
+class RelayHandler:
+    """aiosmtpd hooks implementing the relay's policy."""
+
+    def __init__(
+        self,
+        *,
+        settings: MailSettings,
+        hostname: str,
+        spool: Spool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._hostname = hostname
+        self._spool = spool
+        self._clock = clock
+        self._networks = parse_networks(settings.allowed_networks)
+
+    def may_relay(self, session: Session) -> bool:
+        if session.authenticated:
+            return True
+        address = client_ip(session.peer)
+        return address is not None and any(address in net for net in self._networks)
+
+    def _refuse(self, session: Session, reason: str, reply: str, **fields: Any) -> str:
+        METRICS.refused.labels(reason=reason).inc()
+        mail_log().info(
+            "refused", client=str(client_ip(session.peer)), reason=reason, reply=reply, **fields
+        )
+        return reply
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if address and not ADDRESS.match(address):
+            return self._refuse(
+                session,
+                "bad_sender",
+                f"553 5.1.7 Bad sender address syntax: <{address}>",
+                sender=address,
+            )
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if not self.may_relay(session):
+            return self._refuse(
+                session,
+                "relay_denied",
+                "554 5.7.1 Relaying denied: your address is not in allowedNetworks; "
+                "authenticate first",
+                sender=envelope.mail_from,
+                recipient=address,
+            )
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
+        if BARE_USER.match(address):
+            if self._settings.default_mail_host is None:
+                return self._refuse(
+                    session,
+                    "bare_user",
+                    f"550 5.1.3 <{address}> has no domain and no defaultMailHost is set",
+                    sender=envelope.mail_from,
+                    recipient=address,
+                )
+            address = f"{address}@{self._settings.default_mail_host}"
+        elif not ADDRESS.match(address):
+            return self._refuse(
+                session,
+                "bad_recipient",
+                f"553 5.1.3 Bad recipient address syntax: <{address}>",
+                sender=envelope.mail_from,
+                recipient=address,
+            )
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data: bytes = envelope.original_content or b""
+        peer = str(client_ip(session.peer))
+        recipients = tuple(envelope.rcpt_tos)
+        sender = envelope.mail_from or ""
+        hops = count_hops(data)
+        if hops > MAX_HOPS:
+            return self._refuse(
+                session,
+                "loop",
+                f"554 5.4.6 Too many hops ({hops}): mail loop suspected",
+                sender=sender,
+                recipients=list(recipients),
+            )
+        now = self._clock()
+        queue_id = new_queue_id(now)
+        protocol = "ESMTP" if session.extended_smtp else "SMTP"
+        if session.ssl is not None:
+            protocol += "S"
+        if session.authenticated:
+            protocol += "A"
+        trace = received_header(
+            helo=session.host_name or "",
+            peer_ip=peer,
+            hostname=self._hostname,
+            protocol=protocol,
+            queue_id=queue_id,
+            recipient=recipients[0] if len(recipients) == 1 else "",
+            now=now,
+        )
+        try:
+            stored = await self._spool.enqueue(
+                sender=sender,
+                recipients=recipients,
+                data=trace + data,
+                client=peer,
+                queue_id=queue_id,
+            )
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                return self._refuse(
+                    session,
+                    "spool_full",
+                    "452 4.3.1 Insufficient system storage, try later",
+                    sender=sender,
+                    recipients=list(recipients),
+                )
+            return self._refuse(
+                session,
+                "spool_error",
+                f"451 4.3.0 Local error in processing: {error.strerror}",
+                sender=sender,
+                recipients=list(recipients),
+            )
+        METRICS.accepted.inc()
+        mail_log().info(
+            "accepted",
+            queue_id=stored.id,
+            client=peer,
+            helo=session.host_name,
+            sender=sender,
+            recipients=list(recipients),
+            size=len(data),
+        )
+        return f"250 2.0.0 Ok: queued as {stored.id}"

@@ -1,0 +1,269 @@
+"""The queue manager: which message is tried when, and what follows from each attempt.
+
+Attempt 1 is made as soon as a message is spooled; a message that is deferred waits one
+queue-timer interval for its next attempt. An in-memory heap of due times (rebuilt from the
+spool's state files at start) keeps each wake-up's cost proportional to the messages due, not
+to the queue's length. At most ``delivery.concurrency`` messages are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import heapq
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from smtprelay import bounce
+from smtprelay.config import MailSettings
+from smtprelay.deliver import Credentials, Result, deliver
+from smtprelay.logs import mail_log, system_log
+from smtprelay.metrics import METRICS
+from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
+from smtprelay.spool import Envelope, Spool
+
+
+class Scheduler:
+    """Drives every spooled message to delivered or returned."""
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        settings: MailSettings,
+        hostname: str,
+        resolver: MxResolver,
+        credentials: Credentials | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._spool = spool
+        self._settings = settings
+        self._hostname = hostname
+        self._resolver = resolver
+        self._credentials = credentials
+        self._clock = clock
+        self._heap: list[tuple[float, str]] = []
+        self._due: dict[str, float] = {}
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._due) + len(self._active)
+
+    def oldest_due(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def load(self) -> int:
+        """Take every message in the spool into the schedule; returns how many."""
+        entries = self._spool.scan()
+        for entry in entries:
+            self._push(entry.id, entry.state.due)
+        return len(entries)
+
+    def notify(self, queue_id: str) -> None:
+        """A new message was spooled: its first attempt is due now."""
+        self._push(queue_id, 0.0)
+
+    def flush(self) -> int:
+        """Make every spooled message due now (``queue flush``), including any that another
+        process (``queue bounce``) put in the spool; returns how many."""
+        waiting = [queue_id for queue_id in self._spool.ids() if queue_id not in self._active]
+        for queue_id in waiting:
+            self._push(queue_id, 0.0)
+        return len(waiting)
+
+    def _push(self, queue_id: str, due: float) -> None:
+        if queue_id in self._active:
+            return
+        self._due[queue_id] = due
+        heapq.heappush(self._heap, (due, queue_id))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Start attempts as they fall due, until `stop`."""
+        limit = self._settings.delivery.concurrency
+        while not self._stopping:
+            now = self._clock()
+            while self._heap and self._heap[0][0] <= now and len(self._active) < limit:
+                due, queue_id = heapq.heappop(self._heap)
+                if self._due.get(queue_id) != due:
+                    continue  # superseded by a later push
+                del self._due[queue_id]
+                task = asyncio.create_task(self._attempt(queue_id))
+                self._active[queue_id] = task
+                task.add_done_callback(functools.partial(self._finished, queue_id))
+            timeout = None
+            if self._heap and len(self._active) < limit:
+                timeout = max(0.0, self._heap[0][0] - now)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _finished(self, queue_id: str, _task: asyncio.Task[None]) -> None:
+        self._active.pop(queue_id, None)
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """Start nothing new; give attempts in flight ``grace`` seconds, then cancel them.
+
+        A cancelled attempt leaves its message in the spool, to be tried again after restart.
+        """
+        self._stopping = True
+        self._wake.set()
+        active = list(self._active.values())
+        if active:
+            _, pending = await asyncio.wait(active, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _attempt(self, queue_id: str) -> None:
+        try:
+            await self._attempt_unguarded(queue_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # one broken message must not stop the queue
+            system_log().exception("attempt_crashed", queue_id=queue_id, error=str(error))
+            if self._spool.contains(queue_id):
+                self._push(queue_id, self._clock() + self._settings.delivery.queue_timer)
+
+    async def _attempt_unguarded(self, queue_id: str) -> None:
+        try:
+            envelope, data = self._spool.read(queue_id)
+        except FileNotFoundError:
+            return  # deleted by an administrator meanwhile
+        state = self._spool.load_state(queue_id)
+        attempt = state.attempts + 1
+        pending = state.pending(envelope)
+        groups = group_by_route(self._settings, pending, attempt)
+        started = self._clock()
+        outcomes = await asyncio.gather(
+            *(
+                self._attempt_route(route, recipients, envelope, data)
+                for route, recipients in groups.items()
+            )
+        )
+        last_try = attempt >= self._settings.delivery.tries
+        delivered: set[str] = set()
+        failures: list[bounce.Failure] = []
+        for route, results in zip(groups, outcomes, strict=True):
+            for recipient, result in results.items():
+                outcome = result.outcome
+                if outcome == "deferred" and last_try:
+                    outcome = "failed"
+                self._log_attempt(envelope, attempt, route, recipient, result, outcome)
+                METRICS.attempts.labels(route=route.kind, outcome=outcome).inc()
+                if outcome == "delivered":
+                    delivered.add(recipient)
+                    METRICS.latency.observe(self._clock() - envelope.received)
+                elif outcome == "failed":
+                    failures.append(
+                        bounce.Failure(
+                            recipient=recipient,
+                            status=bounce.status_for(result.code, result.text),
+                            diagnostic=f"{result.code} {result.text}",
+                            remote_mta=result.host,
+                        )
+                    )
+        if failures:
+            await self._return_to_sender(envelope, data, failures)
+        new_state = replace(
+            state,
+            attempts=attempt,
+            delivered=state.delivered | delivered,
+            failed=state.failed | {f.recipient for f in failures},
+            due=started + self._settings.delivery.queue_timer,
+        )
+        if not self._spool.contains(queue_id):
+            return
+        if new_state.pending(envelope):
+            await asyncio.to_thread(self._spool.save_state, queue_id, new_state)
+            self._push(queue_id, new_state.due)
+        else:
+            await asyncio.to_thread(self._spool.remove, queue_id)
+
+    async def _attempt_route(
+        self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: bytes
+    ) -> dict[str, Result]:
+        credentials = None
+        if route.kind == "gateway":
+            addresses = await self._resolver.addresses(route.name)
+            credentials = self._credentials
+        else:
+            resolved = await self._resolver.resolve(route.name)
+            addresses = resolved if isinstance(resolved, ResolveFailure) else resolved.addresses
+        if isinstance(addresses, ResolveFailure):
+            code = 550 if addresses.permanent else 451
+            result = Result(
+                "failed" if addresses.permanent else "deferred",
+                code,
+                f"{addresses.status} {addresses.reason}",
+            )
+            return dict.fromkeys(recipients, result)
+        return await deliver(
+            addresses=addresses,
+            port=route.port,
+            helo=self._hostname,
+            sender=envelope.sender,
+            recipients=recipients,
+            data=data,
+            credentials=credentials,
+        )
+
+    async def _return_to_sender(
+        self, envelope: Envelope, data: bytes, failures: list[bounce.Failure]
+    ) -> None:
+        if not envelope.sender:
+            mail_log().warning(
+                "bounce_suppressed",
+                queue_id=envelope.id,
+                reason="null sender",
+                recipients=[f.recipient for f in failures],
+            )
+            return
+        report = bounce.build_report(
+            queue_id=envelope.id,
+            sender=envelope.sender,
+            failures=failures,
+            headers=bounce.original_headers(data),
+            hostname=self._hostname,
+            arrival=envelope.received,
+            now=self._clock(),
+        )
+        returned = await self._spool.enqueue(
+            sender="", recipients=(envelope.sender,), data=report, client="bounce"
+        )
+        METRICS.bounced.inc(len(failures))
+        mail_log().info(
+            "bounced",
+            queue_id=envelope.id,
+            report_id=returned.id,
+            sender=envelope.sender,
+            recipients=[f.recipient for f in failures],
+        )
+
+    def _log_attempt(
+        self,
+        envelope: Envelope,
+        attempt: int,
+        route: Route,
+        recipient: str,
+        result: Result,
+        outcome: str,
+    ) -> None:
+        mail_log().info(
+            "delivery",
+            queue_id=envelope.id,
+            sender=envelope.sender,
+            recipient=recipient,
+            route=route.kind,
+            destination=route.name,
+            host=result.host,
+            attempt=attempt,
+            reply=f"{result.code} {result.text}",
+            outcome=outcome,
+        )

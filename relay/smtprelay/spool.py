@@ -1,0 +1,293 @@
+"""The durable queue on the volume: the only thing the relay's stages share.
+
+Layout under the spool directory::
+
+    queue/<id>.eml    immutable: one JSON envelope line, then the message as received
+    state/<id>.json   mutable: attempts made, when the next is due, recipients settled
+    smtprelay.pid     the serving process, so queue commands can nudge it
+
+A message exists once its ``queue/<id>.eml`` has been written, fsynced, renamed into place and
+the directory fsynced; only then does the relay answer 250. A state file is written the same
+way, but losing one is harmless: the message is merely tried again (at worst sent twice).
+Directory fsyncs are grouped, so concurrent messages share one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+_QUEUE = "queue"
+_STATE = "state"
+_SUFFIX = ".eml"
+PID_FILE = "smtprelay.pid"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Who a message is from and for, fixed at acceptance."""
+
+    id: str
+    sender: str
+    recipients: tuple[str, ...]
+    received: float
+    client: str = ""
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """How far delivery of one message has come."""
+
+    attempts: int = 0
+    due: float = 0.0
+    delivered: frozenset[str] = field(default_factory=frozenset)
+    failed: frozenset[str] = field(default_factory=frozenset)
+
+    def pending(self, envelope: Envelope) -> tuple[str, ...]:
+        settled = self.delivered | self.failed
+        return tuple(r for r in envelope.recipients if r not in settled)
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """What a scan of the spool yields for one message, without reading its body."""
+
+    id: str
+    state: QueueState
+
+
+def new_queue_id(now: float) -> str:
+    """Sortable by arrival, unique without coordination."""
+    return f"{int(now * 1000):011x}{secrets.token_hex(5)}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, chunks: list[bytes]) -> None:
+    """Write to a temporary name, fsync, rename into place (the caller fsyncs the directory)."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+class _GroupSync:
+    """Coalesces directory fsyncs: everyone who asks during one fsync shares the next."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._next: asyncio.Future[None] | None = None
+        self._running = False
+
+    async def sync(self) -> None:
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        waiter = self._next
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._drain())
+        await asyncio.shield(waiter)
+
+    async def _drain(self) -> None:
+        try:
+            while self._next is not None:
+                batch, self._next = self._next, None
+                try:
+                    await asyncio.to_thread(_fsync_dir, self._path)
+                except OSError as error:
+                    batch.set_exception(error)
+                else:
+                    batch.set_result(None)
+        finally:
+            self._running = False
+
+
+def _encode_envelope(envelope: Envelope) -> bytes:
+    header = {
+        "id": envelope.id,
+        "sender": envelope.sender,
+        "recipients": list(envelope.recipients),
+        "received": envelope.received,
+        "client": envelope.client,
+    }
+    return json.dumps(header, separators=(",", ":")).encode() + b"\n"
+
+
+def _decode_envelope(line: bytes) -> Envelope:
+    header = json.loads(line)
+    return Envelope(
+        id=header["id"],
+        sender=header["sender"],
+        recipients=tuple(header["recipients"]),
+        received=header["received"],
+        client=header.get("client", ""),
+    )
+
+
+def _encode_state(state: QueueState) -> bytes:
+    return json.dumps(
+        {
+            "attempts": state.attempts,
+            "due": state.due,
+            "delivered": sorted(state.delivered),
+            "failed": sorted(state.failed),
+        }
+    ).encode()
+
+
+def _decode_state(raw: bytes) -> QueueState:
+    data = json.loads(raw)
+    return QueueState(
+        attempts=int(data["attempts"]),
+        due=float(data["due"]),
+        delivered=frozenset(data["delivered"]),
+        failed=frozenset(data["failed"]),
+    )
+
+
+class Spool:
+    """The queue directory, with durable enqueue and crash-safe state updates."""
+
+    def __init__(self, root: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self.queue_dir = root / _QUEUE
+        self.state_dir = root / _STATE
+        self._clock = clock
+        self._listeners: list[Callable[[str], None]] = []
+        self.queue_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._queue_sync = _GroupSync(self.queue_dir)
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """Be told the id of every message enqueued from now on."""
+        self._listeners.append(listener)
+
+    def probe_writable(self) -> bool:
+        """True when a file can be created and removed in the queue directory."""
+        probe = self.queue_dir / f".probe-{os.getpid()}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
+
+    async def enqueue(
+        self,
+        *,
+        sender: str,
+        recipients: tuple[str, ...],
+        data: bytes,
+        client: str = "",
+        queue_id: str | None = None,
+    ) -> Envelope:
+        """Store a message durably; when this returns, the message survives any crash."""
+        now = self._clock()
+        envelope = Envelope(
+            id=queue_id or new_queue_id(now),
+            sender=sender,
+            recipients=recipients,
+            received=now,
+            client=client,
+        )
+        path = self.queue_dir / f"{envelope.id}{_SUFFIX}"
+        await asyncio.to_thread(_write_durably, path, [_encode_envelope(envelope), data])
+        try:
+            await self._queue_sync.sync()
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        for listener in self._listeners:
+            listener(envelope.id)
+        return envelope
+
+    def ids(self) -> Iterator[str]:
+        """Every queued message id, in arrival order."""
+        names = sorted(
+            entry.name for entry in os.scandir(self.queue_dir) if entry.name.endswith(_SUFFIX)
+        )
+        for name in names:
+            if not name.startswith("."):
+                yield name[: -len(_SUFFIX)]
+
+    def scan(self) -> list[QueueEntry]:
+        """Every queued message and its state, reading only the small state files."""
+        return [QueueEntry(id=qid, state=self.load_state(qid)) for qid in self.ids()]
+
+    def contains(self, queue_id: str) -> bool:
+        return (self.queue_dir / f"{queue_id}{_SUFFIX}").exists()
+
+    def read(self, queue_id: str) -> tuple[Envelope, bytes]:
+        """The envelope and the message as it was accepted."""
+        raw = (self.queue_dir / f"{queue_id}{_SUFFIX}").read_bytes()
+        line, _, data = raw.partition(b"\n")
+        return _decode_envelope(line), data
+
+    def read_envelope(self, queue_id: str) -> Envelope:
+        with (self.queue_dir / f"{queue_id}{_SUFFIX}").open("rb") as handle:
+            return _decode_envelope(handle.readline())
+
+    def load_state(self, queue_id: str) -> QueueState:
+        """The saved state; a missing or torn state file means nothing was recorded yet."""
+        try:
+            return _decode_state((self.state_dir / f"{queue_id}.json").read_bytes())
+        except (OSError, ValueError, KeyError):
+            return QueueState()
+
+    def save_state(self, queue_id: str, state: QueueState) -> None:
+        _write_durably(self.state_dir / f"{queue_id}.json", [_encode_state(state)])
+
+    def reschedule(self, queue_id: str, due: float) -> None:
+        """Make a message due at ``due`` (used by ``queue flush``)."""
+        self.save_state(queue_id, replace(self.load_state(queue_id), due=due))
+
+    def remove(self, queue_id: str) -> bool:
+        """Drop a message and its state; False if it was already gone."""
+        try:
+            (self.queue_dir / f"{queue_id}{_SUFFIX}").unlink()
+        except FileNotFoundError:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / f"{queue_id}.json").unlink()
+        _fsync_dir(self.queue_dir)
+        return True
+
+    def remove_orphans(self) -> int:
+        """Delete temporary files and state files left by a crash; returns how many."""
+        removed = 0
+        for directory in (self.queue_dir, self.state_dir):
+            for entry in os.scandir(directory):
+                if entry.name.startswith(".tmp-"):
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed += 1
+        for entry in os.scandir(self.state_dir):
+            qid = entry.name.removesuffix(".json")
+            if not self.contains(qid):
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+        return removed
