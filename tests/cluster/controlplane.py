@@ -21,9 +21,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.cluster import kubeconfig, pki
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
 
 SERVICE_CIDR = "10.96.0.0/16"
 SERVICE_IP = "10.96.0.1"
@@ -94,9 +97,9 @@ class ControlPlane:
             raise RuntimeError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
         return result.stdout
 
-    def api_client(self, config_file: Path | None = None) -> Any:
+    def api_client(self, config_file: Path | None = None) -> ApiClient:
         """A `kubernetes.client.ApiClient` for the admin, or for another kubeconfig."""
-        from kubernetes import client, config  # noqa: PLC0415 - only tests need the client
+        from kubernetes import client, config  # deferred: `up`/`down` never need it
 
         configuration = client.Configuration()
         # The kubernetes package ships py.typed but leaves this function unannotated.

@@ -1,0 +1,3 @@
+"""Shared pytest plugins for every test package."""
+
+pytest_plugins = ["tests.cluster.fixtures"]
