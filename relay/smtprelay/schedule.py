@@ -46,7 +46,7 @@ class Scheduler:
         self._clock = clock
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
-        self._active: dict[str, asyncio.Task[None]] = {}
+        self._active: dict[str, asyncio.Task[float | None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -103,8 +103,10 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    def _finished(self, queue_id: str, _task: asyncio.Task[None]) -> None:
+    def _finished(self, queue_id: str, task: asyncio.Task[float | None]) -> None:
         self._active.pop(queue_id, None)
+        if not task.cancelled() and (due := task.result()) is not None:
+            self._push(queue_id, due)
         self._wake.set()
 
     async def stop(self, grace: float) -> None:
@@ -121,21 +123,23 @@ class Scheduler:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _attempt(self, queue_id: str) -> None:
+    async def _attempt(self, queue_id: str) -> float | None:
+        """One attempt; returns when the message is due again, or None when it is done."""
         try:
-            await self._attempt_unguarded(queue_id)
+            return await self._attempt_unguarded(queue_id)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # one broken message must not stop the queue
             system_log().exception("attempt_crashed", queue_id=queue_id, error=str(error))
             if self._spool.contains(queue_id):
-                self._push(queue_id, self._clock() + self._settings.delivery.queue_timer)
+                return self._clock() + self._settings.delivery.queue_timer
+            return None
 
-    async def _attempt_unguarded(self, queue_id: str) -> None:
+    async def _attempt_unguarded(self, queue_id: str) -> float | None:
         try:
             envelope, data = self._spool.read(queue_id)
         except FileNotFoundError:
-            return  # deleted by an administrator meanwhile
+            return None  # deleted by an administrator meanwhile
         state = self._spool.load_state(queue_id)
         attempt = state.attempts + 1
         pending = state.pending(envelope)
@@ -179,12 +183,12 @@ class Scheduler:
             due=started + self._settings.delivery.queue_timer,
         )
         if not self._spool.contains(queue_id):
-            return
+            return None
         if new_state.pending(envelope):
             await asyncio.to_thread(self._spool.save_state, queue_id, new_state)
-            self._push(queue_id, new_state.due)
-        else:
-            await asyncio.to_thread(self._spool.remove, queue_id)
+            return new_state.due
+        await asyncio.to_thread(self._spool.remove, queue_id)
+        return None
 
     async def _attempt_route(
         self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: bytes

@@ -1,0 +1,284 @@
+"""Real peers for the relay's tests: dnsmasq, aiosmtpd sinks, and the relay as a process.
+
+Every peer here is the real program on a loopback address; the tests start and stop them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email
+import email.message
+import email.policy
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dns.nameserver
+import dns.resolver
+import yaml
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], Any], *, timeout: float = 15.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+# --- DNS -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Zone:
+    """Records dnsmasq serves; every other name under .test is NXDOMAIN."""
+
+    mx: list[tuple[str, str, int]] = field(default_factory=list)  # (domain, exchange, pref)
+    a: list[tuple[str, str]] = field(default_factory=list)  # (name, ip)
+    null_mx: list[str] = field(default_factory=list)
+
+    def arguments(self) -> list[str]:
+        args = [f"--mx-host={d},{x},{p}" for d, x, p in self.mx]
+        args += [f"--host-record={name},{ip}" for name, ip in self.a]
+        args += [f"--dns-rr={name},15,000000" for name in self.null_mx]  # MX 0 "." (RFC 7505)
+        return args
+
+
+class Dnsmasq:
+    """dnsmasq on 127.0.0.1:<free port>, authoritative for .test."""
+
+    def __init__(self, zone: Zone, log_dir: Path) -> None:
+        self.port = free_port()
+        self.server = f"127.0.0.1:{self.port}"
+        binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+        self._log = (log_dir / "dnsmasq.log").open("w")
+        self.process = subprocess.Popen(
+            [
+                binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
+                "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1",
+                f"--port={self.port}", "--local=/test/", "--pid-file=", "--log-facility=-",
+                f"--user={os.environ.get('USER') or 'root'}", *zone.arguments(),
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", self.port)]
+        resolver.lifetime = 0.5
+
+        def answers() -> bool:
+            try:
+                resolver.resolve("probe.test", "A")
+            except dns.resolver.NXDOMAIN:
+                return True
+            except Exception:  # noqa: BLE001 -- not up yet
+                return False
+            return True
+
+        wait_for(answers, timeout=10, what="dnsmasq to answer")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self._log.close()
+
+
+# --- SMTP sinks ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    sender: str
+    recipients: tuple[str, ...]
+    data: bytes
+    peer: str
+
+    @property
+    def message(self) -> email.message.EmailMessage:
+        parsed = email.message_from_bytes(self.data, policy=email.policy.default)
+        assert isinstance(parsed, email.message.EmailMessage)
+        return parsed
+
+
+class _SinkHandler:
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self._sink.rcpt_reply(address)
+        if reply.startswith("250"):
+            envelope.rcpt_tos.append(address)
+        return reply
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self._sink.data_reply.startswith("250"):
+            with self._sink.lock:
+                self._sink.messages.append(
+                    Received(
+                        sender=envelope.mail_from,
+                        recipients=tuple(envelope.rcpt_tos),
+                        data=envelope.original_content,
+                        peer=session.peer[0],
+                    )
+                )
+        return self._sink.data_reply
+
+
+class Sink:
+    """An aiosmtpd server that keeps what it receives, or answers with the codes it is given."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        rcpt_reply: str | Callable[[str], str] = "250 2.1.5 OK",
+        data_reply: str = "250 2.0.0 OK",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.messages: list[Received] = []
+        self.lock = threading.Lock()
+        self._rcpt = rcpt_reply
+        self.data_reply = data_reply
+        self._controller = Controller(
+            _SinkHandler(self), hostname=host, port=port, ready_timeout=10
+        )
+        self._controller.start()
+
+    def rcpt_reply(self, address: str) -> str:
+        return self._rcpt(address) if callable(self._rcpt) else self._rcpt
+
+    def wait_for_messages(self, count: int = 1, timeout: float = 20.0) -> list[Received]:
+        def enough() -> list[Received] | None:
+            with self.lock:
+                return list(self.messages) if len(self.messages) >= count else None
+
+        result: list[Received] = wait_for(
+            enough, timeout=timeout, what=f"{count} message(s) at {self.host}:{self.port}"
+        )
+        return result
+
+    def stop(self) -> None:
+        self._controller.stop()
+
+
+# --- the relay under test ------------------------------------------------------------------
+
+
+class Relay:
+    """``smtprelay serve`` as a real process, with its own spool and config file."""
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.spool = workdir / "spool"
+        self.config = {
+            "listen": f"127.0.0.1:{self.port}",
+            "metricsListen": f"127.0.0.1:{self.metrics_port}",
+            "spoolDir": str(self.spool),
+            "hostname": "relay.test",
+            "logging": {"target": "stdout"},
+            **config,
+        }
+        self.config_path = workdir / "relay.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = workdir / "relay.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "smtprelay", "serve", "--config", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self.ready, timeout=20, what="the relay's /readyz")
+
+    def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"relay exited {self.process.returncode}:\n{self.log_text()}")
+        try:
+            with urllib.request.urlopen(  # noqa: S310 -- a loopback URL we built
+                f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=1
+            ) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
+            return str(response.read().decode())
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines the relay wrote, optionally only those of one event."""
+        found = []
+        for line in self.log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and (name is None or event.get("event") == name):
+                    found.append(event)
+        return found
+
+    def queued(self) -> list[str]:
+        queue = self.spool / "queue"
+        return sorted(p.name for p in queue.glob("*.eml")) if queue.exists() else []
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as in a node failure."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        self._log.close()
+
+    def stop(self) -> int:
+        """SIGTERM, as Kubernetes does; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(40)
+        self._log.close()
+        return int(self.process.returncode)
+
+
+@contextlib.contextmanager
+def running(*peers: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for peer in peers:
+            peer.stop()

@@ -1,0 +1,152 @@
+"""Routing and delivery against real peers: dnsmasq for MX/A, aiosmtpd sinks for the hosts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tests.peers import Dnsmasq, Relay, Sink, Zone, wait_for
+from tests.relay.mail import send
+
+Start = Callable[..., Any]
+
+
+def _zone() -> Zone:
+    return Zone(
+        mx=[
+            ("example.test", "mx1.example.test", 10),
+            ("later.test", "mx.later.test", 10),
+            ("sender.test", "mx.sender.test", 10),
+        ],
+        a=[
+            ("mx1.example.test", "127.0.0.2"),
+            ("aonly.test", "127.0.0.3"),
+            ("mx.later.test", "127.0.0.4"),
+            ("mx.sender.test", "127.0.0.6"),
+        ],
+    )
+
+
+def _relay(start_relay: Start, dns: Dnsmasq, port: int, **settings: Any) -> Relay:
+    config: dict[str, Any] = {"dnsServers": [dns.server], "delivery": {"port": port}}
+    for key, value in settings.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    relay: Relay = start_relay(config)
+    return relay
+
+
+class TestDirect:
+    def test_delivers_to_the_mx_host(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """A recipient's mail goes to the host its domain's MX record names."""
+        dns = start_dns(_zone())
+        mx: Sink = start_sink("127.0.0.2", smtp_port)
+        relay = _relay(start_relay, dns, smtp_port)
+        reply = send(relay.port, "alice@sender.test", ["bob@example.test"], subject="direct")
+        assert "queued as" in reply
+        [got] = mx.wait_for_messages()
+        assert got.sender == "alice@sender.test"
+        assert got.recipients == ("bob@example.test",)
+        assert got.message["Subject"] == "direct"
+        assert "by relay.test (smtprelay)" in got.message["Received"]
+        wait_for(lambda: relay.queued() == [], what="the spool to empty")
+
+    def test_delivers_to_the_address_of_a_domain_without_mx(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """With no MX record the domain's own A record is the mail host (RFC 5321 §5.1)."""
+        dns = start_dns(_zone())
+        host: Sink = start_sink("127.0.0.3", smtp_port)
+        relay = _relay(start_relay, dns, smtp_port)
+        send(relay.port, "alice@sender.test", ["carol@aonly.test"])
+        [got] = host.wait_for_messages()
+        assert got.recipients == ("carol@aonly.test",)
+
+    def test_one_connection_carries_all_recipients_of_a_host(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """Recipients at the same destination share one transaction."""
+        dns = start_dns(_zone())
+        mx: Sink = start_sink("127.0.0.2", smtp_port)
+        relay = _relay(start_relay, dns, smtp_port)
+        send(relay.port, "alice@sender.test", ["a@example.test", "b@example.test"])
+        [got] = mx.wait_for_messages()
+        assert sorted(got.recipients) == ["a@example.test", "b@example.test"]
+
+    def test_deferred_mail_is_delivered_when_the_mx_comes_up(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """A refused connection defers; the next queue-timer attempt delivers."""
+        dns = start_dns(_zone())
+        relay = _relay(start_relay, dns, smtp_port, delivery={"queueTimer": "1s"})
+        send(relay.port, "alice@sender.test", ["dave@later.test"])
+        wait_for(
+            lambda: any(e["outcome"] == "deferred" for e in relay.events("delivery")),
+            what="a deferred attempt",
+        )
+        assert len(relay.queued()) == 1
+        mx: Sink = start_sink("127.0.0.4", smtp_port)
+        [got] = mx.wait_for_messages()
+        assert got.recipients == ("dave@later.test",)
+        outcomes = [(e["attempt"], e["outcome"]) for e in relay.events("delivery")]
+        assert outcomes[-1][1] == "delivered" and outcomes[-1][0] >= 2
+        wait_for(lambda: relay.queued() == [], what="the spool to empty")
+
+    def test_a_4xx_reply_defers_and_a_later_attempt_delivers(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """451 at RCPT is temporary: the message stays queued and is tried again."""
+        dns = start_dns(_zone())
+        replies = iter(["451 4.3.0 try later"])
+        mx: Sink = start_sink(
+            "127.0.0.2", smtp_port, rcpt_reply=lambda _a: next(replies, "250 2.1.5 OK")
+        )
+        relay = _relay(start_relay, dns, smtp_port, delivery={"queueTimer": "1s"})
+        send(relay.port, "alice@sender.test", ["bob@example.test"])
+        mx.wait_for_messages()
+        attempts = [(e["attempt"], e["outcome"]) for e in relay.events("delivery")]
+        assert attempts[:2] == [(1, "deferred"), (2, "delivered")]
+
+
+class TestGateway:
+    def test_gateway_takes_over_after_tries_before_gateway(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """Attempts 1..triesBeforeGateway go direct; the next one goes to the gateway."""
+        dns = start_dns(_zone())
+        gateway: Sink = start_sink("127.0.0.9", smtp_port + 1 if smtp_port < 65000 else 2526)
+        relay = _relay(
+            start_relay, dns, smtp_port,
+            delivery={"queueTimer": "1s", "tries": 5},
+            gateway={"host": f"127.0.0.9:{gateway.port}", "triesBeforeGateway": 2},
+        )
+        send(relay.port, "alice@sender.test", ["dave@later.test"])
+        [got] = gateway.wait_for_messages()
+        assert got.recipients == ("dave@later.test",)
+        routes = [(e["attempt"], e["route"], e["outcome"]) for e in relay.events("delivery")]
+        assert routes == [
+            (1, "direct", "deferred"),
+            (2, "direct", "deferred"),
+            (3, "gateway", "delivered"),
+        ]
+
+    def test_send_all_sends_every_attempt_through_the_gateway(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """With sendAll the MX is never contacted, even when it is up."""
+        dns = start_dns(_zone())
+        mx: Sink = start_sink("127.0.0.2", smtp_port)
+        gateway: Sink = start_sink("127.0.0.9", smtp_port)
+        relay = _relay(
+            start_relay, dns, smtp_port,
+            gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
+        )
+        send(relay.port, "alice@sender.test", ["bob@example.test"])
+        [got] = gateway.wait_for_messages()
+        assert got.recipients == ("bob@example.test",)
+        assert [e["route"] for e in relay.events("delivery")] == ["gateway"]
+        assert mx.messages == []
