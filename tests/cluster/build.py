@@ -234,7 +234,7 @@ def _build_kube(tools: Toolchain, pins: KubernetesPins) -> None:
     # Without @version `go get` would take the newest kubernetes, not the pinned one.
     pinned = [f"{package}@{KUBERNETES_VERSION}" for package in packages]
     _run(tools, ["get", *pinned], cwd=directory, what="resolve kubernetes modules")
-    _say(f"compiling {', '.join(KUBE_COMMANDS)} (the long part: ~15-25 min cold on 2 cores)")
+    _say(f"compiling {', '.join(KUBE_COMMANDS)} (the long part: about 6 min cold on 2 cores)")
     _run(
         tools,
         [
