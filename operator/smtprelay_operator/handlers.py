@@ -1,0 +1,302 @@
+"""kopf handlers: apply what `render` makes, put back what others change, report status.
+
+Level-triggered and idempotent: every handler renders the whole desired state from the
+SmtpRelay as it is now and server-side-applies it, so a restart, a repeated event or two
+handlers racing all converge on the same objects and an unchanged spec changes nothing.
+Deletion needs no handler and no finalizer: the children carry ownerReferences and the
+garbage collector removes them (all but a retained spool PVC).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+import yaml
+from kubernetes.client import ApiException
+from smtprelay.config import ConfigError, parse_config
+
+from smtprelay_operator import api, render, status
+from smtprelay_operator.kube import CONFLICT, Kube, load_api_client
+
+_STATUS_WRITE_ATTEMPTS = 5
+_APPLY_RETRY_DELAY = 10.0
+_CHILD_FILTER = {api.MANAGED_BY_LABEL: api.MANAGED_BY, api.NAME_LABEL: "smtprelay"}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Keep kopf's footprint on SmtpRelays to one annotation, and Events to what users need."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=api.GROUP, key="last-handled-configuration"
+    )
+    # Handler bookkeeping ("Handler succeeded") stays in the operator's log; the Events
+    # posted are the ones below, written for the people who own the SmtpRelay.
+    settings.posting.level = logging.WARNING
+    if getattr(memo, "kube", None) is None:
+        memo.kube = Kube(load_api_client())
+
+
+def _owner(meta: Mapping[str, Any]) -> render.Owner:
+    return render.Owner(name=meta["name"], uid=meta["uid"])
+
+
+def _render(relay: Mapping[str, Any], memo: kopf.Memo) -> render.Rendered:
+    meta = relay["metadata"]
+    return render.render(
+        name=meta["name"],
+        namespace=meta["namespace"],
+        spec=relay.get("spec") or {},
+        owner=_owner(meta),
+        defaults=memo.defaults,
+    )
+
+
+def _write_status(
+    kube: Kube,
+    relay: Mapping[str, Any],
+    observe: Any,
+) -> None:
+    """Compute the status from a fresh read and write it unless it is already so.
+
+    ``observe(relay)`` returns the `status.Observed` facts, or None to leave the status alone.
+    The write is conditional on the resourceVersion read, so two writers cannot interleave
+    a stale status over a newer one; on conflict the read and computation are repeated.
+    """
+    meta = relay["metadata"]
+    for _ in range(_STATUS_WRITE_ATTEMPTS):
+        current = kube.get(
+            api.API_VERSION, api.KIND, namespace=meta["namespace"], name=meta["name"]
+        )
+        if current is None or current["metadata"].get("uid") != meta.get("uid"):
+            return
+        observed = observe(current)
+        if observed is None:
+            return
+        previous = current.get("status") or {}
+        new = status.compute(observed, previous=previous.get("conditions") or [], now=_now())
+        if all(previous.get(key) == value for key, value in new.items()):
+            return
+        try:
+            kube.replace_status(current, new)
+        except ApiException as error:
+            if error.status != CONFLICT:
+                raise
+            continue
+        return
+
+
+def _validate(rendered: render.Rendered) -> str | None:
+    """The relay's own verdict on the rendered relay.yaml; None when it would start."""
+    try:
+        parse_config(yaml.safe_load(rendered.relay_yaml))
+    except ConfigError as error:
+        return "; ".join(error.problems)
+    return None
+
+
+@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
+def reconcile(
+    body: kopf.Body,
+    memo: kopf.Memo,
+    reason: str,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    """Apply the four objects for the SmtpRelay's current spec and report the outcome."""
+    kube: Kube = memo.kube
+    relay = dict(body)  # the raw dicts under kopf's views
+    spec = relay.get("spec") or {}
+    generation = int(relay["metadata"].get("generation", 0))
+    rendered = _render(relay, memo)
+    applied_hash = (relay.get("status") or {}).get("configHash") or rendered.config_hash
+    suspended = render.desired_replicas(spec) == 0
+
+    problem = _validate(rendered)
+    if problem is not None:
+        kopf.warn(body, reason="InvalidConfig", message=problem)
+        _write_status(
+            kube,
+            body,
+            lambda current: _observe(
+                kube, current, generation, applied_hash, suspended, ("InvalidConfig", problem)
+            ),
+        )
+        raise kopf.PermanentError(f"the relay would refuse this spec: {problem}")
+
+    deployment: dict[str, Any] | None = None
+    try:
+        for obj in rendered.objects():
+            result = kube.apply(obj)
+            if obj["kind"] == "Deployment":
+                deployment = result
+    except ApiException as error:
+        target = f"{obj['kind']} {obj['metadata']['name']}"
+        message = f"applying {target}: {error.reason}: {_api_message(error)}"
+        kopf.warn(body, reason="ApplyFailed", message=message)
+        _write_status(
+            kube,
+            body,
+            lambda current: _observe(
+                kube, current, generation, applied_hash, suspended, ("ApplyFailed", message)
+            ),
+        )
+        raise kopf.TemporaryError(message, delay=_APPLY_RETRY_DELAY) from error
+
+    if reason != kopf.Reason.RESUME:
+        kopf.info(
+            body,
+            reason="Applied",
+            message=f"generation {generation}: config {rendered.config_hash[:12]}, "
+            f"{render.desired_replicas(spec)} replica(s)",
+        )
+    logger.info("applied generation %s (config %s)", generation, rendered.config_hash[:12])
+    _write_status(
+        kube,
+        body,
+        lambda _current: status.Observed(
+            generation=generation,
+            config_hash=rendered.config_hash,
+            suspended=suspended,
+            deployment=deployment,
+        ),
+    )
+
+
+def _api_message(error: ApiException) -> str:
+    """The API server's own message (it names the field), not the whole response body."""
+    try:
+        return str(json.loads(error.body or "{}").get("message") or error.body)
+    except ValueError:
+        return str(error.body)
+
+
+def _observe(
+    kube: Kube,
+    current: Mapping[str, Any],
+    generation: int,
+    config_hash: str,
+    suspended: bool,
+    failure: tuple[str, str] | None,
+) -> status.Observed:
+    meta = current["metadata"]
+    deployment = kube.get("apps/v1", "Deployment", namespace=meta["namespace"], name=meta["name"])
+    return status.Observed(
+        generation=generation,
+        config_hash=config_hash,
+        suspended=suspended,
+        deployment=deployment,
+        failure=failure,
+    )
+
+
+def _kind_of(body: Mapping[str, Any]) -> str:
+    return str(body.get("kind") or "")
+
+
+@kopf.on.event("", "v1", "configmaps", labels=_CHILD_FILTER)
+@kopf.on.event("", "v1", "services", labels=_CHILD_FILTER)
+@kopf.on.event("", "v1", "persistentvolumeclaims", labels=_CHILD_FILTER)
+@kopf.on.event("apps", "v1", "deployments", labels=_CHILD_FILTER)
+def child_changed(
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    """Put back an owned object someone changed or deleted; follow the Deployment's rollout."""
+    kube: Kube = memo.kube
+    child_meta = body.get("metadata") or {}
+    namespace = child_meta.get("namespace")
+    relay_name = (child_meta.get("labels") or {}).get(api.INSTANCE_LABEL)
+    if not namespace or not relay_name:
+        return
+    relay = kube.get(api.API_VERSION, api.KIND, namespace=namespace, name=relay_name)
+    if relay is None or relay["metadata"].get("deletionTimestamp"):
+        return  # being garbage-collected with its SmtpRelay: nothing to put back
+    if _owned_by_other(child_meta, relay["metadata"]["uid"]):
+        return  # left over from an earlier SmtpRelay of the same name, on its way out
+    rendered = _render(relay, memo)
+    if _validate(rendered) is not None:
+        return  # the SmtpRelay's own handler reports the invalid spec
+    kind = _kind_of(body)
+    desired = next(obj for obj in rendered.objects() if obj["kind"] == kind)
+    if desired["metadata"]["name"] != child_meta.get("name"):
+        return
+    result = kube.apply(desired)
+    if _restored(event, child_meta, result, relay):
+        what = "deleted" if event.get("type") == "DELETED" else "changed"
+        message = f"{kind} {child_meta['name']} was {what} outside the operator; restored it"
+        logger.info(message)
+        kopf.warn(kopf.Body(cast("kopf.RawBody", relay)), reason="Restored", message=message)
+    if kind == "Deployment":
+        _follow_rollout(kube, relay, result)
+
+
+def _restored(
+    event: kopf.RawEvent,
+    before: Mapping[str, Any],
+    after: Mapping[str, Any],
+    relay: Mapping[str, Any],
+) -> bool:
+    """Whether applying put back something changed outside the operator (worth an Event).
+
+    Only claimed once reconcile has caught up with the SmtpRelay's spec: until then, a
+    difference may simply be the new spec arriving by this path first.
+    """
+    if event.get("type") == "DELETED":
+        return True
+    caught_up = (relay.get("status") or {}).get("observedGeneration") == relay["metadata"].get(
+        "generation"
+    )
+    if event.get("type") != "MODIFIED" or not caught_up:
+        return False
+    meta = after["metadata"]
+    if before.get("generation") is not None:  # Deployments: status updates do not count
+        return bool(meta.get("generation") != before.get("generation"))
+    return bool(meta.get("resourceVersion") != before.get("resourceVersion"))
+
+
+def _owned_by_other(child_meta: Mapping[str, Any], uid: str) -> bool:
+    owners = child_meta.get("ownerReferences") or []
+    return any(owner.get("kind") == api.KIND and owner.get("uid") != uid for owner in owners)
+
+
+def _follow_rollout(kube: Kube, relay: Mapping[str, Any], deployment: Mapping[str, Any]) -> None:
+    """Refresh Ready/Progressing/Degraded from the Deployment, keeping what reconcile applied."""
+
+    def observe(current: Mapping[str, Any]) -> status.Observed | None:
+        known = current.get("status") or {}
+        if "observedGeneration" not in known or "configHash" not in known:
+            return None  # reconcile has not reported yet; it will
+        failure = next(
+            (
+                (condition["reason"], condition["message"])
+                for condition in known.get("conditions") or []
+                if condition.get("type") == status.DEGRADED
+                and condition.get("status") == "True"
+                and condition.get("reason") in ("InvalidConfig", "ApplyFailed")
+            ),
+            None,
+        )
+        return status.Observed(
+            generation=int(known["observedGeneration"]),
+            config_hash=str(known["configHash"]),
+            suspended=int(deployment.get("spec", {}).get("replicas", 1)) == 0,
+            deployment=deployment,
+            failure=failure,
+        )
+
+    _write_status(kube, relay, observe)

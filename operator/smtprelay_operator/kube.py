@@ -1,0 +1,113 @@
+"""The few Kubernetes API calls the operator makes, as plain dicts in and out.
+
+Only this module talks to the API server (kopf's own watching aside). Objects stay dicts,
+exactly as `render` produced them, so what is applied is byte for byte what was rendered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from kubernetes import client, config
+from kubernetes.client import ApiException
+
+from smtprelay_operator import api
+
+Object = dict[str, Any]
+
+NOT_FOUND: Final = 404
+CONFLICT: Final = 409
+
+_COLLECTIONS: Final = {
+    ("v1", "ConfigMap"): "/api/v1/namespaces/{namespace}/configmaps",
+    ("v1", "PersistentVolumeClaim"): "/api/v1/namespaces/{namespace}/persistentvolumeclaims",
+    ("v1", "Service"): "/api/v1/namespaces/{namespace}/services",
+    ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{namespace}/deployments",
+    (api.API_VERSION, api.KIND): f"/apis/{api.API_VERSION}/namespaces/{{namespace}}/{api.PLURAL}",
+}
+
+
+def load_api_client() -> client.ApiClient:
+    """In a pod, the ServiceAccount; elsewhere, $KUBECONFIG or ~/.kube/config."""
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return client.ApiClient(configuration)
+
+
+def path_of(api_version: str, kind: str, *, namespace: str, name: str) -> str:
+    return f"{_COLLECTIONS[api_version, kind].format(namespace=namespace)}/{name}"
+
+
+class Kube:
+    """Server-side apply, get and status writes for the operator's handful of kinds."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._client = api_client
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+    ) -> Object:
+        params = self._client.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self._client.call_api(*params)
+        response.read()  # type: ignore[no-untyped-call]
+        text = bytes(response.data or b"").decode("utf-8")
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=text, data=None)
+        result: Object = json.loads(text)
+        return result
+
+    def apply(self, obj: Mapping[str, Any]) -> Object:
+        """Server-side apply as the operator's field manager, taking back fields others changed.
+
+        Fields other managers set and the operator does not render are left alone, so the
+        operator never fights them; applying unchanged content changes nothing.
+        """
+        metadata = obj["metadata"]
+        path = path_of(
+            obj["apiVersion"], obj["kind"], namespace=metadata["namespace"], name=metadata["name"]
+        )
+        return self._request(
+            "PATCH",
+            path,
+            query=[("fieldManager", api.FIELD_MANAGER), ("force", "true")],
+            body=dict(obj),
+            content_type="application/apply-patch+yaml",
+        )
+
+    def get(self, api_version: str, kind: str, *, namespace: str, name: str) -> Object | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self._request("GET", path_of(api_version, kind, namespace=namespace, name=name))
+        except ApiException as error:
+            if error.status == NOT_FOUND:
+                return None
+            raise
+
+    def replace_status(self, relay: Mapping[str, Any], status: Mapping[str, Any]) -> Object:
+        """Write an SmtpRelay's status, failing with 409 if it changed since it was read."""
+        metadata = relay["metadata"]
+        path = path_of(
+            api.API_VERSION, api.KIND, namespace=metadata["namespace"], name=metadata["name"]
+        )
+        patch = {"metadata": {"resourceVersion": metadata["resourceVersion"]}, "status": status}
+        return self._request(
+            "PATCH", f"{path}/status", body=patch, content_type="application/merge-patch+json"
+        )

@@ -1,0 +1,72 @@
+"""`smtprelay-operator`: run the kopf operator for SmtpRelay resources.
+
+One replica, standalone (no kopf peering objects to create or clean up); cluster-wide by
+default, or limited to the namespaces given with `--namespace`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+from collections.abc import Sequence
+
+import kopf
+
+from smtprelay_operator import handlers, render
+
+IMAGE_ENV = "SMTPRELAY_RELAY_IMAGE"
+IMAGE_REPOSITORY = "ghcr.io/smtprelay/smtprelay"
+DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+
+
+def default_image() -> str:
+    """$SMTPRELAY_RELAY_IMAGE, else the relay image of this very release."""
+    return os.environ.get(IMAGE_ENV) or (
+        f"{IMAGE_REPOSITORY}:{importlib.metadata.version('smtprelay')}"
+    )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="smtprelay-operator", description=__doc__)
+    parser.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable); default: all namespaces",
+    )
+    parser.add_argument(
+        "--relay-image",
+        default=None,
+        help=f"relay image for SmtpRelays that set no spec.image (default: ${IMAGE_ENV} or "
+        f"{IMAGE_REPOSITORY}:<version>)",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=DEFAULT_LIVENESS,
+        help=f"kopf's liveness endpoint (default: {DEFAULT_LIVENESS})",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's progress")
+    parser.add_argument("--debug", action="store_true", help="log everything kopf does")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    kopf.configure(verbose=args.verbose, debug=args.debug)
+    memo = kopf.Memo(
+        defaults=render.OperatorDefaults(relay_image=args.relay_image or default_image())
+    )
+    assert handlers.reconcile  # importing registers the handlers with kopf's registry
+    kopf.run(
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness,
+        memo=memo,
+    )
+
+
+if __name__ == "__main__":
+    main()

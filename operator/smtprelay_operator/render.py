@@ -1,0 +1,365 @@
+"""SmtpRelay spec → the ConfigMap, Deployment, PVC and Service that run it.
+
+Pure data in, data out: no Kubernetes client, no kopf, no clock. The same spec renders to
+byte-identical objects (maps from the spec are sorted, relay.yaml follows the settings
+model's field order), which is what lets server-side apply of an unchanged spec be a no-op
+and a restarted operator change nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+from smtprelay.config import MailSettings, RelayConfig
+
+from smtprelay_operator import api
+
+Object = dict[str, Any]
+
+RELAY_YAML = "relay.yaml"
+CONFIG_DIR = "/etc/smtprelay"
+CONFIG_PATH = f"{CONFIG_DIR}/{RELAY_YAML}"
+SPOOL_DIR = "/var/spool/smtprelay"
+SECRETS_DIR = "/var/run/secrets/smtprelay"
+TLS_DIR = f"{SECRETS_DIR}/tls"
+AUTH_DIR = f"{SECRETS_DIR}/auth"
+GATEWAY_DIR = f"{SECRETS_DIR}/gateway"
+AUTH_USERS_KEY = "users.yaml"
+SMTP_PORT = 2525
+METRICS_PORT = 9090
+RUN_AS = 10001
+SECRET_MODE = 0o440  # group-readable: fsGroup gives the relay user the group
+
+DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
+    "requests": {"cpu": "100m", "memory": "128Mi"},
+}
+
+_MAIL_KEYS = tuple(field.alias or name for name, field in MailSettings.model_fields.items())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OperatorDefaults:
+    """What the operator fills in when the spec leaves it out."""
+
+    relay_image: str
+    resources: Mapping[str, Mapping[str, str]] = dataclasses.field(
+        default_factory=lambda: copy.deepcopy(dict(DEFAULT_RESOURCES))
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Owner:
+    """The SmtpRelay the objects belong to, for their ownerReferences."""
+
+    name: str
+    uid: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rendered:
+    """Everything one SmtpRelay becomes."""
+
+    config_map: Object
+    deployment: Object
+    pvc: Object
+    service: Object
+    relay_yaml: str
+    config_hash: str
+
+    def objects(self) -> tuple[Object, ...]:
+        """In apply order: what the pod mounts exists before the Deployment asks for it."""
+        return (self.config_map, self.pvc, self.service, self.deployment)
+
+
+def labels(name: str) -> dict[str, str]:
+    """The labels on every object of one SmtpRelay (and the operator's watch filter)."""
+    return {
+        api.NAME_LABEL: "smtprelay",
+        api.INSTANCE_LABEL: name,
+        api.MANAGED_BY_LABEL: api.MANAGED_BY,
+        api.COMPONENT_LABEL: "relay",
+    }
+
+
+def selector(name: str) -> dict[str, str]:
+    """The pod selector: only the labels that never change, since a selector is immutable."""
+    return {api.NAME_LABEL: "smtprelay", api.INSTANCE_LABEL: name}
+
+
+def config_map_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def pvc_name(name: str) -> str:
+    return f"{name}-spool"
+
+
+def desired_replicas(spec: Mapping[str, Any]) -> int:
+    """1, or 0 while suspended: Recreate and one RWO volume allow only one relay pod."""
+    return 0 if spec.get("suspended", False) else 1
+
+
+def retains_spool(spec: Mapping[str, Any]) -> bool:
+    return bool(spec.get("storage", {}).get("retainOnDelete", True))
+
+
+def relay_config(*, name: str, namespace: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The relay.yaml document: the spec's mail settings plus where the pod keeps things."""
+    document: dict[str, Any] = {key: copy.deepcopy(spec[key]) for key in _MAIL_KEYS if key in spec}
+    document.setdefault("hostname", f"{name}.{namespace}.svc")
+    gateway = document.get("gateway")
+    if gateway is not None:
+        secret = gateway.pop("credentialsSecret", None)
+        if secret is not None:
+            # The Secret is mounted as a directory; the relay reads its username/password files.
+            gateway["credentialsFile"] = GATEWAY_DIR
+    document["listen"] = f"0.0.0.0:{SMTP_PORT}"
+    document["spoolDir"] = SPOOL_DIR
+    document["metricsListen"] = f"0.0.0.0:{METRICS_PORT}"
+    if "tls" in spec:
+        document["tls"] = {"certFile": f"{TLS_DIR}/tls.crt", "keyFile": f"{TLS_DIR}/tls.key"}
+    if "auth" in spec:
+        document["auth"] = {"usersFile": f"{AUTH_DIR}/{AUTH_USERS_KEY}"}
+    return _canonical(RelayConfig, document)
+
+
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    candidates = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _canonical(model: type[BaseModel], data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with its keys in the model's field order, however the API server sent them."""
+    out: dict[str, Any] = {}
+    for field_name, field in model.model_fields.items():
+        key = field.alias or field_name
+        if key not in data:
+            continue
+        nested = _nested_model(field.annotation)
+        value = data[key]
+        out[key] = _canonical(nested, value) if nested and isinstance(value, Mapping) else value
+    return out
+
+
+def relay_yaml(document: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(document), sort_keys=False, default_flow_style=False)
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _sorted(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A user's map in key order, so the rendered object does not depend on input order."""
+    items = mapping or {}
+    return {key: items[key] for key in sorted(items)}
+
+
+def _metadata(object_name: str, *, relay: str, namespace: str, owner: Owner | None) -> Object:
+    metadata: Object = {"name": object_name, "namespace": namespace, "labels": labels(relay)}
+    if owner is not None:
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": api.API_VERSION,
+                "kind": api.KIND,
+                "name": owner.name,
+                "uid": owner.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return metadata
+
+
+def render(
+    *,
+    name: str,
+    namespace: str,
+    spec: Mapping[str, Any],
+    owner: Owner | None,
+    defaults: OperatorDefaults,
+) -> Rendered:
+    """The four objects for SmtpRelay ``namespace/name``; ``owner`` None leaves out ownerRefs."""
+    document = relay_config(name=name, namespace=namespace, spec=spec)
+    text = relay_yaml(document)
+    digest = config_hash(text)
+    spool_owner = None if retains_spool(spec) else owner
+    return Rendered(
+        config_map=_config_map(name, namespace, owner, text),
+        deployment=_deployment(name, namespace, owner, spec, defaults, digest),
+        pvc=_pvc(name, namespace, spool_owner, spec),
+        service=_service(name, namespace, owner, spec),
+        relay_yaml=text,
+        config_hash=digest,
+    )
+
+
+def _config_map(name: str, namespace: str, owner: Owner | None, text: str) -> Object:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(config_map_name(name), relay=name, namespace=namespace, owner=owner),
+        "data": {RELAY_YAML: text},
+    }
+
+
+def _pvc(name: str, namespace: str, owner: Owner | None, spec: Mapping[str, Any]) -> Object:
+    storage = spec.get("storage", {})
+    claim: Object = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": str(storage.get("size", "1Gi"))}},
+    }
+    if storage.get("storageClassName") is not None:
+        claim["storageClassName"] = storage["storageClassName"]
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(pvc_name(name), relay=name, namespace=namespace, owner=owner),
+        "spec": claim,
+    }
+
+
+def _service(name: str, namespace: str, owner: Owner | None, spec: Mapping[str, Any]) -> Object:
+    service = spec.get("service", {})
+    kind = service.get("type", "ClusterIP")
+    body: Object = {
+        "type": kind,
+        "selector": selector(name),
+        "ports": [
+            {
+                "name": "smtp",
+                "protocol": "TCP",
+                "port": int(service.get("port", 25)),
+                "targetPort": "smtp",
+            }
+        ],
+    }
+    if kind in ("LoadBalancer", "NodePort"):
+        # Keeps the client's address: allowedNetworks must see who really connected.
+        body["externalTrafficPolicy"] = "Local"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(name, relay=name, namespace=namespace, owner=owner),
+        "spec": body,
+    }
+
+
+def _volumes(name: str, spec: Mapping[str, Any]) -> tuple[list[Object], list[Object]]:
+    """(volumes, mounts): config, spool and /tmp always; the Secrets the spec names."""
+    volumes: list[Object] = [
+        {"name": "config", "configMap": {"name": config_map_name(name)}},
+        {"name": "spool", "persistentVolumeClaim": {"claimName": pvc_name(name)}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[Object] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "spool", "mountPath": SPOOL_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir, not the host's /tmp
+    ]
+    secrets = (
+        ("tls", spec.get("tls", {}).get("secretName"), TLS_DIR),
+        ("auth", spec.get("auth", {}).get("secretName"), AUTH_DIR),
+        ("gateway-credentials", spec.get("gateway", {}).get("credentialsSecret"), GATEWAY_DIR),
+    )
+    for volume, secret, path in secrets:
+        if secret is None:
+            continue
+        volumes.append(
+            {"name": volume, "secret": {"secretName": secret, "defaultMode": SECRET_MODE}}
+        )
+        mounts.append({"name": volume, "mountPath": path, "readOnly": True})
+    return volumes, mounts
+
+
+def _container(spec: Mapping[str, Any], defaults: OperatorDefaults, mounts: list[Object]) -> Object:
+    def probe(path: str) -> Object:
+        return {
+            "httpGet": {"path": path, "port": "metrics"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        }
+
+    resources = spec.get("resources") or defaults.resources
+    return {
+        "name": "relay",
+        "image": spec.get("image") or defaults.relay_image,
+        "command": ["smtprelay", "serve", "--config", CONFIG_PATH],
+        "ports": [
+            {"name": "smtp", "containerPort": SMTP_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "livenessProbe": probe("/healthz"),
+        "readinessProbe": probe("/readyz"),
+        "resources": {kind: _sorted(resources[kind]) for kind in sorted(resources)},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": mounts,
+    }
+
+
+def _deployment(
+    name: str,
+    namespace: str,
+    owner: Owner | None,
+    spec: Mapping[str, Any],
+    defaults: OperatorDefaults,
+    digest: str,
+) -> Object:
+    volumes, mounts = _volumes(name, spec)
+    annotations = _sorted(spec.get("podAnnotations"))
+    annotations[api.CONFIG_HASH_ANNOTATION] = digest  # ours wins: it is what rolls the pod
+    pod: Object = {
+        "automountServiceAccountToken": False,  # the relay never talks to the API server
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(spec, defaults, mounts)],
+        "volumes": volumes,
+    }
+    if spec.get("nodeSelector"):
+        pod["nodeSelector"] = _sorted(spec["nodeSelector"])
+    if spec.get("tolerations"):
+        pod["tolerations"] = [_sorted(toleration) for toleration in spec["tolerations"]]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(name, relay=name, namespace=namespace, owner=owner),
+        "spec": {
+            "replicas": desired_replicas(spec),
+            # One RWO spool volume: the old pod must let go before the new one starts.
+            "strategy": {"type": "Recreate"},
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector(name)},
+            "template": {
+                "metadata": {"labels": labels(name), "annotations": annotations},
+                "spec": pod,
+            },
+        },
+    }
