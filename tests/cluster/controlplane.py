@@ -7,6 +7,7 @@ the component that failed is rarely the one that reports the failure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -156,6 +157,9 @@ def _terminate(pid: int, *, owner_marker: str, grace: float = 10.0) -> None:
     except TimeoutError:
         if _is_ours(pid, owner_marker):
             os.kill(pid, signal.SIGKILL)
+    # Reap it if it is our child (the fixture's case); `down` runs in another process.
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 class _Launcher:
