@@ -7,6 +7,7 @@ cold and is never skipped: a build or start failure is a test error, not a skip.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from tests.cluster import accounts, build, controlplane
 from tests.cluster.controlplane import ControlPlane
 
 _NAMESPACE_READY_TIMEOUT = 30.0
+_BUILD_ERROR = pytest.StashKey[build.BuildError]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,13 +32,25 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Build before the first test starts, so a cold build never eats a test's timeout."""
     if session.config.option.collectonly:
         return
-    if any("control_plane" in getattr(item, "fixturenames", ()) for item in session.items):
-        build.ensure_built()
+    if not any("control_plane" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    # Show the build's progress live: a cold build runs for minutes.
+    capture = session.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        try:
+            build.ensure_built()
+        except build.BuildError as error:
+            # Reported by the fixture, so each cluster test errors instead of pytest
+            # aborting with an INTERNALERROR.
+            session.config.stash[_BUILD_ERROR] = error
 
 
 @pytest.fixture(scope="session")
-def control_plane() -> Iterator[ControlPlane]:
+def control_plane(pytestconfig: pytest.Config) -> Iterator[ControlPlane]:
     """etcd, kube-apiserver, controller manager, scheduler and kwok, up for the session."""
+    failed = pytestconfig.stash.get(_BUILD_ERROR, None)
+    if failed is not None:
+        raise failed
     plane = controlplane.start(bin_dir=build.ensure_built())
     try:
         yield plane
