@@ -79,10 +79,19 @@ class Dnsmasq:
         self._log = (log_dir / "dnsmasq.log").open("w")
         self.process = subprocess.Popen(
             [
-                binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-                "--no-hosts", "--bind-interfaces", "--listen-address=127.0.0.1",
-                f"--port={self.port}", "--local=/test/", "--pid-file=", "--log-facility=-",
-                f"--user={os.environ.get('USER') or 'root'}", *zone.arguments(),
+                binary,
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                f"--port={self.port}",
+                "--local=/test/",
+                "--pid-file=",
+                "--log-facility=-",
+                f"--user={os.environ.get('USER') or 'root'}",
+                *zone.arguments(),
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -96,7 +105,7 @@ class Dnsmasq:
                 resolver.resolve("probe.test", "A")
             except dns.resolver.NXDOMAIN:
                 return True
-            except Exception:  # noqa: BLE001 -- not up yet
+            except Exception:
                 return False
             return True
 
@@ -142,10 +151,10 @@ class _SinkHandler:
             with self._sink.lock:
                 self._sink.messages.append(
                     Received(
-                        sender=envelope.mail_from,
+                        sender="" if envelope.mail_from == "<>" else str(envelope.mail_from),
                         recipients=tuple(envelope.rcpt_tos),
-                        data=envelope.original_content,
-                        peer=session.peer[0],
+                        data=envelope.original_content or b"",
+                        peer=str(session.peer[0]) if session.peer else "",
                     )
                 )
         return self._sink.data_reply
@@ -229,7 +238,7 @@ class Relay:
         if self.process.poll() is not None:
             raise AssertionError(f"relay exited {self.process.returncode}:\n{self.log_text()}")
         try:
-            with urllib.request.urlopen(  # noqa: S310 -- a loopback URL we built
+            with urllib.request.urlopen(
                 f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=1
             ) as response:
                 return bool(response.status == 200)
@@ -238,7 +247,7 @@ class Relay:
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=5) as response:
             return str(response.read().decode())
 
     def log_text(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 from dataclasses import dataclass
 from email.message import Message
+from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTP
@@ -52,7 +53,8 @@ def _status_part(
     per_message["Reporting-MTA"] = f"dns; {hostname}"
     per_message["X-SMTPRelay-Queue-ID"] = queue_id
     per_message["Arrival-Date"] = email.utils.formatdate(arrival)
-    blocks = [per_message.as_string().rstrip("\n")]
+    part = MIMEBase("message", "delivery-status")
+    part.attach(per_message)
     for failure in failures:
         block = Message()
         block["Final-Recipient"] = f"rfc822; {failure.recipient}"
@@ -61,10 +63,7 @@ def _status_part(
         if failure.remote_mta:
             block["Remote-MTA"] = f"dns; {failure.remote_mta}"
         block["Diagnostic-Code"] = f"smtp; {failure.diagnostic}"
-        blocks.append(block.as_string().rstrip("\n"))
-    part = Message()
-    part["Content-Type"] = "message/delivery-status"
-    part.set_payload("\n\n".join(blocks) + "\n")
+        part.attach(block)
     return part
 
 
@@ -86,7 +85,8 @@ def build_report(
     report["Date"] = email.utils.formatdate(now)
     report["Message-ID"] = email.utils.make_msgid(idstring=queue_id, domain=hostname)
     report["Auto-Submitted"] = "auto-replied"
-    report.attach(MIMEText(_text_part(failures, hostname), "plain", "utf-8"))
+    text = _text_part(failures, hostname)
+    report.attach(MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8"))
     report.attach(
         _status_part(queue_id=queue_id, failures=failures, hostname=hostname, arrival=arrival)
     )

@@ -127,6 +127,8 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if address == "<>":
+            address = ""  # the null reverse-path of reports (RFC 5321 §4.5.5)
         if address and not ADDRESS.match(address):
             return self._refuse(
                 session,
@@ -134,7 +136,7 @@ class RelayHandler:
                 f"553 5.1.7 Bad sender address syntax: <{address}>",
                 sender=address,
             )
-        envelope.mail_from = address
+        envelope.mail_from = address or "<>"  # aiosmtpd needs a truthy value after MAIL
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
@@ -183,7 +185,7 @@ class RelayHandler:
         data: bytes = envelope.original_content or b""
         peer = str(client_ip(session.peer))
         recipients = tuple(envelope.rcpt_tos)
-        sender = envelope.mail_from or ""
+        sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         hops = count_hops(data)
         if hops > MAX_HOPS:
             return self._refuse(

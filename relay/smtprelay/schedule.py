@@ -1,9 +1,9 @@
 """The queue manager: which message is tried when, and what follows from each attempt.
 
-Attempt 1 is made as soon as a message is spooled; a message that is deferred waits one
-queue-timer interval for its next attempt. An in-memory heap of due times (rebuilt from the
-spool's state files at start) keeps each wake-up's cost proportional to the messages due, not
-to the queue's length. At most ``delivery.concurrency`` messages are in flight.
+Attempt 1 is made as soon as a message is spooled; a deferred message waits one queue-timer
+interval for its next attempt, and a start tries the whole queue once. An in-memory heap of
+due times keeps each wake-up's cost proportional to the messages due, not to the queue's
+length. At most ``delivery.concurrency`` messages are in flight.
 """
 
 from __future__ import annotations
@@ -58,10 +58,15 @@ class Scheduler:
         return self._heap[0][0] if self._heap else None
 
     def load(self) -> int:
-        """Take every message in the spool into the schedule; returns how many."""
+        """Take every message in the spool into the schedule, due now; returns how many.
+
+        A start is a queue run, as pressing Start Service was: a pod restarted because its
+        configuration changed (a gateway fixed, say) tries its queue at once rather than
+        after up to a queue-timer interval.
+        """
         entries = self._spool.scan()
         for entry in entries:
-            self._push(entry.id, entry.state.due)
+            self._push(entry.id, 0.0)
         return len(entries)
 
     def notify(self, queue_id: str) -> None:

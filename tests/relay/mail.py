@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import smtplib
+from email import policy
 from email.message import EmailMessage
 
 
-def message(sender: str, recipients: list[str], subject: str = "hello", body: str = "hi\n") -> bytes:
+def message(
+    sender: str, recipients: list[str], subject: str = "hello", body: str = "hi\n"
+) -> bytes:
     msg = EmailMessage()
     msg["From"] = sender or "nobody@relay.test"
     msg["To"] = ", ".join(recipients)
     msg["Subject"] = subject
     msg["Message-ID"] = f"<{subject.replace(' ', '-')}@client.test>"
     msg.set_content(body)
-    return msg.as_bytes()
+    return msg.as_bytes(policy=policy.SMTP)
 
 
 def send(
@@ -33,6 +36,8 @@ def send(
         for recipient in recipients:
             code, reply = client.rcpt(recipient)
             assert code == 250, (code, reply)
-        code, reply = client.data(data if data is not None else message(sender, recipients, subject))
+        code, reply = client.data(
+            data if data is not None else message(sender, recipients, subject)
+        )
         assert code == 250, (code, reply)
         return reply.decode()

@@ -93,7 +93,8 @@ class TestDirect:
         [got] = mx.wait_for_messages()
         assert got.recipients == ("dave@later.test",)
         outcomes = [(e["attempt"], e["outcome"]) for e in relay.events("delivery")]
-        assert outcomes[-1][1] == "delivered" and outcomes[-1][0] >= 2
+        assert outcomes[-1][1] == "delivered"
+        assert outcomes[-1][0] >= 2
         wait_for(lambda: relay.queued() == [], what="the spool to empty")
 
     def test_a_4xx_reply_defers_and_a_later_attempt_delivers(
@@ -120,7 +121,9 @@ class TestGateway:
         dns = start_dns(_zone())
         gateway: Sink = start_sink("127.0.0.9", smtp_port + 1 if smtp_port < 65000 else 2526)
         relay = _relay(
-            start_relay, dns, smtp_port,
+            start_relay,
+            dns,
+            smtp_port,
             delivery={"queueTimer": "1s", "tries": 5},
             gateway={"host": f"127.0.0.9:{gateway.port}", "triesBeforeGateway": 2},
         )
@@ -142,7 +145,9 @@ class TestGateway:
         mx: Sink = start_sink("127.0.0.2", smtp_port)
         gateway: Sink = start_sink("127.0.0.9", smtp_port)
         relay = _relay(
-            start_relay, dns, smtp_port,
+            start_relay,
+            dns,
+            smtp_port,
             gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
         )
         send(relay.port, "alice@sender.test", ["bob@example.test"])
