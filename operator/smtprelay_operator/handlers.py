@@ -236,6 +236,7 @@ def child_changed(
     if desired["metadata"]["name"] != child_meta.get("name"):
         return
     result = kube.apply(desired)
+    logger.debug("re-applied %s %s", kind, child_meta.get("name"))
     if _restored(event, child_meta, result, relay):
         what = "deleted" if event.get("type") == "DELETED" else "changed"
         message = f"{kind} {child_meta['name']} was {what} outside the operator; restored it"
