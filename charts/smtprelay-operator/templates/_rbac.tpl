@@ -1,0 +1,53 @@
+{{/*
+The operator's rights in a namespace it serves: exactly the calls it makes, nothing more.
+Used by the ClusterRole (rbac.scope=cluster) and by each Role (rbac.scope=namespaced).
+Code paths are in operator/smtprelay_operator/ (handlers.py, kube.py) and kopf 1.45.
+*/}}
+{{- define "smtprelay-operator.namespacedRules" -}}
+# kopf watches SmtpRelays (list+watch) and patches them to keep its progress and
+# last-handled-configuration annotations; Kube.get reads one before each status write
+# (handlers._write_status) and when a child changes (handlers.child_changed).
+- apiGroups: ["smtprelay.dev"]
+  resources: ["smtprelays"]
+  verbs: ["get", "list", "watch", "patch"]
+# Kube.replace_status: a merge patch of status.conditions/observedGeneration/configHash.
+- apiGroups: ["smtprelay.dev"]
+  resources: ["smtprelays/status"]
+  verbs: ["patch"]
+# The children carry ownerReferences with blockOwnerDeletion: true; clusters running the
+# OwnerReferencesPermissionEnforcement admission plugin (e.g. OpenShift) allow that only to
+# whoever may update the owner's finalizers. The operator itself never writes them.
+- apiGroups: ["smtprelay.dev"]
+  resources: ["smtprelays/finalizers"]
+  verbs: ["update"]
+# Kube.apply server-side-applies each child (PATCH; an apply that creates the object is also
+# authorised as create). handlers.child_changed is a kopf watch on them (list+watch) that
+# puts back what was changed or deleted. The operator deletes nothing: the garbage collector
+# removes children through their ownerReferences.
+- apiGroups: [""]
+  resources: ["configmaps", "persistentvolumeclaims", "services"]
+  verbs: ["list", "watch", "create", "patch"]
+# As above; Kube.get also reads the Deployment to report readiness (handlers._observe).
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# kopf.info/kopf.warn post Events about an SmtpRelay (Applied, Restored, InvalidConfig,
+# ApplyFailed); kopf 1.45 posts core v1 Events only, never events.k8s.io.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{/*
+Cluster-scoped rights, only with rbac.scope=cluster: kopf lists the CRDs once at start-up
+and then watches them (kopf._core.reactor.observation.resource_observer), so it notices the
+SmtpRelay CRD being installed or upgraded. Peering needs nothing: the operator runs
+--standalone (main.py). Namespaces need nothing either: a cluster-wide kopf does not list them.
+*/}}
+{{- define "smtprelay-operator.clusterRules" -}}
+# kopf lists the CRDs at start-up and then watches them (its resource observer), so it
+# notices the SmtpRelay CRD being installed or upgraded. Cluster-scoped: ClusterRole only.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["list", "watch"]
+{{- end }}
