@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,7 +126,9 @@ def prepare(
     argv = [
         _localise(arg, mounts) for arg in container.get("command", []) + container.get("args", [])
     ]
-    executable = shutil.which(argv[0])
+    # The image's PATH: the console scripts installed beside this interpreter come first.
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    executable = shutil.which(argv[0], path=search)
     assert executable is not None, f"{argv[0]} is not on PATH"
     argv[0] = executable
     config_path = Path(next(arg for arg in argv if arg.endswith(".yaml")))
