@@ -26,6 +26,12 @@ from smtprelay_operator.kube import CONFLICT, Kube, load_api_client
 _STATUS_WRITE_ATTEMPTS = 5
 _APPLY_RETRY_DELAY = 10.0
 _CHILD_FILTER = {api.MANAGED_BY_LABEL: api.MANAGED_BY, api.NAME_LABEL: "smtprelay"}
+_CHILD_RESOURCES = (
+    ("", "v1", "configmaps"),
+    ("", "v1", "services"),
+    ("", "v1", "persistentvolumeclaims"),
+    ("apps", "v1", "deployments"),
+)
 
 
 def _now() -> str:
@@ -42,6 +48,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Handler bookkeeping ("Handler succeeded") stays in the operator's log; the Events
     # posted are the ones below, written for the people who own the SmtpRelay.
     settings.posting.level = logging.WARNING
+    # Filter children on the server: watching every ConfigMap in the cluster to pick out
+    # ours would make idle cost grow with everything else in the cluster.
+    selector = ",".join(f"{key}={value}" for key, value in sorted(_CHILD_FILTER.items()))
+    for resource in _CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = selector
     if getattr(memo, "kube", None) is None:
         memo.kube = Kube(load_api_client())
 
@@ -205,10 +216,10 @@ def _kind_of(body: Mapping[str, Any]) -> str:
     return str(body.get("kind") or "")
 
 
-@kopf.on.event("", "v1", "configmaps", labels=_CHILD_FILTER)
-@kopf.on.event("", "v1", "services", labels=_CHILD_FILTER)
-@kopf.on.event("", "v1", "persistentvolumeclaims", labels=_CHILD_FILTER)
-@kopf.on.event("apps", "v1", "deployments", labels=_CHILD_FILTER)
+@kopf.on.event(*_CHILD_RESOURCES[0], labels=_CHILD_FILTER)
+@kopf.on.event(*_CHILD_RESOURCES[1], labels=_CHILD_FILTER)
+@kopf.on.event(*_CHILD_RESOURCES[2], labels=_CHILD_FILTER)
+@kopf.on.event(*_CHILD_RESOURCES[3], labels=_CHILD_FILTER)
 def child_changed(
     event: kopf.RawEvent,
     body: kopf.Body,
