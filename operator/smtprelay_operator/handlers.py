@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import socket
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -41,13 +42,15 @@ def _now() -> str:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Keep kopf's footprint on SmtpRelays to one annotation, and Events to what users need."""
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=api.GROUP, key="last-handled-configuration"
-    )
+    # Progress in annotations only: the status schema has no room for kopf's own stanza.
+    # kopf's default prefix, because any other one brings a second "kopf-managed" marker;
+    # the diffbase (last-handled-configuration) stays the default annotation.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage()
     # Handler bookkeeping ("Handler succeeded") stays in the operator's log; the Events
     # posted are the ones below, written for the people who own the SmtpRelay.
     settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = api.FIELD_MANAGER
+    settings.posting.reporting_instance = socket.gethostname()
     # Filter children on the server: watching every ConfigMap in the cluster to pick out
     # ours would make idle cost grow with everything else in the cluster.
     selector = ",".join(f"{key}={value}" for key, value in sorted(_CHILD_FILTER.items()))
@@ -136,7 +139,7 @@ def reconcile(
 
     problem = _validate(rendered)
     if problem is not None:
-        kopf.warn(body, reason="InvalidConfig", message=problem)
+        kopf.event(body, type="Warning", reason="InvalidConfig", message=problem)
         _write_status(
             kube,
             body,
@@ -155,7 +158,7 @@ def reconcile(
     except ApiException as error:
         target = f"{obj['kind']} {obj['metadata']['name']}"
         message = f"applying {target}: {error.reason}: {_api_message(error)}"
-        kopf.warn(body, reason="ApplyFailed", message=message)
+        kopf.event(body, type="Warning", reason="ApplyFailed", message=message)
         _write_status(
             kube,
             body,
@@ -166,8 +169,9 @@ def reconcile(
         raise kopf.TemporaryError(message, delay=_APPLY_RETRY_DELAY) from error
 
     if reason != kopf.Reason.RESUME:
-        kopf.info(
+        kopf.event(
             body,
+            type="Normal",
             reason="Applied",
             message=f"generation {generation}: config {rendered.config_hash[:12]}, "
             f"{render.desired_replicas(spec)} replica(s)",
@@ -252,7 +256,12 @@ def child_changed(
         what = "deleted" if event.get("type") == "DELETED" else "changed"
         message = f"{kind} {child_meta['name']} was {what} outside the operator; restored it"
         logger.info(message)
-        kopf.warn(kopf.Body(cast("kopf.RawBody", relay)), reason="Restored", message=message)
+        kopf.event(
+            kopf.Body(cast("kopf.RawBody", relay)),
+            type="Warning",
+            reason="Restored",
+            message=message,
+        )
     if kind == "Deployment":
         _follow_rollout(kube, relay, result)
 

@@ -103,6 +103,22 @@ class TestCreate:
         assert condition(relay, "Progressing")["status"] == "False"
         assert condition(relay, "Degraded")["status"] == "False"
 
+    def test_kopf_leaves_one_annotation_and_the_user_gets_an_event(
+        self, cluster: Cluster, operator: Operator
+    ) -> None:
+        """No finalizer, only kopf's last-handled-configuration, and an Applied Event."""
+        create_relay(cluster, "mail")
+        relay = wait_ready(cluster, "mail")
+        assert not relay["metadata"].get("finalizers")
+        ours = [key for key in relay["metadata"]["annotations"] if not key.startswith("kubectl.")]
+        assert ours == ["kopf.zalando.org/last-handled-configuration"]
+        events = json.loads(
+            cluster.kubectl("get", "events", "--field-selector", "reason=Applied", "-o", "json")
+        )["items"]
+        assert [(e["involvedObject"]["kind"], e["source"]["component"]) for e in events] == [
+            ("SmtpRelay", "smtprelay-operator")
+        ]
+
     def test_printer_columns(self, cluster: Cluster, operator: Operator) -> None:
         """`kubectl get smtpr` shows Ready, Gateway, Tries and Queue Timer."""
         create_relay(cluster, "mail", {"gateway": {"host": "gw.example.com"}})
