@@ -205,8 +205,15 @@ class Sink:
 class Relay:
     """``smtprelay serve`` as a real process, with its own spool and config file."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        *,
+        wrapper: Callable[[list[str]], list[str]] | None = None,
+    ) -> None:
         self.workdir = workdir
+        self._wrapper = wrapper or (lambda argv: argv)
         self.port = free_port()
         self.metrics_port = free_port()
         self.spool = workdir / "spool"
@@ -227,7 +234,9 @@ class Relay:
     def start(self) -> None:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "smtprelay", "serve", "--config", str(self.config_path)],
+            self._wrapper(
+                [sys.executable, "-m", "smtprelay", "serve", "--config", str(self.config_path)]
+            ),
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )

@@ -6,6 +6,10 @@ Layout under the spool directory::
     state/<id>.json   mutable: attempts made, when the next is due, recipients settled
     smtprelay.pid     the serving process, so queue commands can nudge it
 
+A message's queue file doubles as its lock (``flock``): the relay holds it through each
+delivery attempt and queue commands take it before they delete, bounce or reschedule, so an
+administrator never removes a message in the middle of an attempt that then delivers it.
+
 A message exists once its ``queue/<id>.eml`` has been written, fsynced, renamed into place and
 the directory fsynced; only then does the relay answer 250. A state file is written the same
 way, but losing one is harmless: the message is merely tried again (at worst sent twice).
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -28,6 +33,10 @@ _QUEUE = "queue"
 _STATE = "state"
 _SUFFIX = ".eml"
 PID_FILE = "smtprelay.pid"
+
+
+class Busy(Exception):
+    """Someone else (the relay mid-attempt, or a queue command) holds the message."""
 
 
 @dataclass(frozen=True)
@@ -266,15 +275,42 @@ class Spool:
         """Make a message due at ``due`` (used by ``queue flush``)."""
         self.save_state(queue_id, replace(self.load_state(queue_id), due=due))
 
+    @contextlib.contextmanager
+    def locked(self, queue_id: str, *, timeout: float = 0.0) -> Iterator[bool]:
+        """Hold ``queue_id`` exclusively; yields False when the message is gone (delivered
+        or removed meanwhile). Waits up to ``timeout`` seconds for another holder, then
+        raises `Busy`."""
+        try:
+            fd = os.open(self.queue_dir / f"{queue_id}{_SUFFIX}", os.O_RDONLY)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise Busy(queue_id) from None
+                    time.sleep(0.05)
+            yield os.fstat(fd).st_nlink > 0  # removed between our open and our lock
+        finally:
+            os.close(fd)
+
     def remove(self, queue_id: str) -> bool:
-        """Drop a message and its state; False if it was already gone."""
+        """Drop a message and its state; False if it was already gone.
+
+        No fsync: if a crash undoes the unlink, the message is merely delivered again,
+        which the relay's contract allows; an fsync per delivered message would not be.
+        """
         try:
             (self.queue_dir / f"{queue_id}{_SUFFIX}").unlink()
         except FileNotFoundError:
             return False
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / f"{queue_id}.json").unlink()
-        _fsync_dir(self.queue_dir)
         return True
 
     def remove_orphans(self) -> int:

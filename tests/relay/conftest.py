@@ -49,10 +49,10 @@ def start_sink() -> Iterator[Callable[..., Sink]]:
 def start_relay(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
     relays: list[Relay] = []
 
-    def start(config: dict[str, Any], name: str = "relay") -> Relay:
+    def start(config: dict[str, Any], name: str = "relay", **options: Any) -> Relay:
         workdir = tmp_path / name
         workdir.mkdir()
-        relay = Relay(workdir, config)
+        relay = Relay(workdir, config, **options)
         relays.append(relay)
         return relay
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
+import smtplib
+import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tests.peers import Relay, Sink, Zone, wait_for
-from tests.relay.mail import send
+from tests.relay.mail import message, send
 
 Start = Callable[..., Any]
 
@@ -75,3 +79,103 @@ class TestCrash:
         assert got.recipients == ("u@later.test",)
         assert os.path.exists(relay.spool / "smtprelay.pid")
         assert signal.SIGUSR1  # flush is delivered by signal to the pid in the spool
+
+
+def _small_disk(size_kib: int, spool: str) -> Callable[[list[str]], list[str]]:
+    """Run the relay with its spool on a tmpfs of ``size_kib`` KiB, in a private mount
+    namespace (unshare), so the disk really fills: no mock stands in for ENOSPC."""
+
+    def wrap(argv: list[str]) -> list[str]:
+        command = (
+            f"mkdir -p {shlex.quote(spool)} && "
+            f"mount -t tmpfs -o size={size_kib}k tmpfs {shlex.quote(spool)} && "
+            f"exec {shlex.join(argv)}"
+        )
+        return ["unshare", "--map-root-user", "--mount", "sh", "-c", command]
+
+    return wrap
+
+
+class TestFullDisk:
+    def test_a_full_spool_answers_4xx_and_every_250_is_delivered(
+        self,
+        start_dns: Start,
+        start_sink: Start,
+        start_relay: Start,
+        smtp_port: int,
+        tmp_path: Path,
+    ) -> None:
+        """When the spool's disk is full the relay answers 452, never 250; every message that
+        did get a 250 is delivered once the destination is reachable."""
+        dns = start_dns(_zone())
+        spool = tmp_path / "relay" / "spool"
+        relay: Relay = start_relay(
+            {
+                "dnsServers": [dns.server],
+                "delivery": {"port": smtp_port, "queueTimer": "1s"},
+            },
+            wrapper=_small_disk(96, str(spool)),
+        )
+        accepted: set[str] = set()
+        refused: list[int] = []
+        body = "x" * 60 + "\n"
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+            client.ehlo("client.test")
+            for i in range(300):  # bounded: the disk holds far fewer
+                client.mail("alice@sender.test")
+                client.rcpt(f"u{i}@later.test")
+                code, reply = client.data(message("alice@sender.test", ["x"], body=body * 60))
+                if code == 250:
+                    accepted.add(reply.decode().rsplit(" ", 1)[-1])
+                else:
+                    refused.append(code)
+                    assert code == 452, reply
+                    if len(refused) >= 3:
+                        break
+        assert refused, "the disk never filled"
+        assert accepted
+        mx: Sink = start_sink("127.0.0.4", smtp_port)
+        got = mx.wait_for_messages(len(accepted), timeout=60)
+        delivered = {m.message["Received"].split(" id ", 1)[1].split()[0].rstrip(";") for m in got}
+        assert delivered == accepted
+        assert relay.events("refused")[-1]["reason"] == "spool_full"
+
+
+class TestCrashDuringBurst:
+    def test_sigkill_during_a_burst_loses_no_accepted_message(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """Clients send in parallel; the relay is SIGKILLed mid-burst; after a restart every
+        message that got a 250 reaches the MX."""
+        dns = start_dns(_zone())
+        relay: Relay = start_relay(
+            {"dnsServers": [dns.server], "delivery": {"port": smtp_port, "queueTimer": "1h"}}
+        )
+        accepted: set[str] = set()
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def client(n: int) -> None:
+            for i in range(100):  # bounded per client
+                if stop.is_set():
+                    return
+                try:
+                    reply = send(relay.port, "alice@sender.test", [f"c{n}m{i}@later.test"])
+                except (OSError, smtplib.SMTPException, AssertionError):
+                    return  # the relay died under us: that message got no 250
+                with lock:
+                    accepted.add(reply.rsplit(" ", 1)[-1])
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: len(accepted) >= 40, timeout=30, what="the burst to get going")
+        relay.kill()
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        mx: Sink = start_sink("127.0.0.4", smtp_port)
+        relay.start()
+        got = mx.wait_for_messages(len(accepted), timeout=60)
+        delivered = {m.message["Received"].split(" id ", 1)[1].split()[0].rstrip(";") for m in got}
+        assert accepted <= delivered

@@ -1,0 +1,170 @@
+"""The relay's pure parts and its spool, tested directly: routing, reports, the queue files."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+from pathlib import Path
+
+import pytest
+from smtprelay import bounce, spool
+from smtprelay.config import parse_config
+from smtprelay.route import choose_route, group_by_route, uses_gateway
+from smtprelay.spool import QueueState, Spool
+
+
+class TestRoute:
+    def test_direct_until_tries_before_gateway_then_gateway(self) -> None:
+        """Attempts 1..triesBeforeGateway go direct, every later one to the gateway."""
+        settings = parse_config({"gateway": {"host": "gw.test:2525", "triesBeforeGateway": 2}})
+        kinds = [choose_route(settings, "a@x.test", n).kind for n in (1, 2, 3, 4)]
+        assert kinds == ["direct", "direct", "gateway", "gateway"]
+        assert choose_route(settings, "a@x.test", 3).port == 2525
+
+    def test_send_all_uses_the_gateway_from_the_first_attempt(self) -> None:
+        """sendAll: no attempt goes direct."""
+        settings = parse_config({"gateway": {"host": "gw.test", "sendAll": True}})
+        route = choose_route(settings, "a@x.test", 1)
+        assert (route.kind, route.name, route.port) == ("gateway", "gw.test", 25)
+
+    def test_without_a_gateway_every_attempt_is_direct(self) -> None:
+        """No gateway host: triesBeforeGateway has nothing to hand over to."""
+        settings = parse_config({})
+        assert not any(uses_gateway(settings, n) for n in range(1, 30))
+
+    def test_recipients_are_grouped_by_destination(self) -> None:
+        """One group (one connection) per domain; case does not split a domain."""
+        settings = parse_config({"delivery": {"port": 2500}})
+        groups = group_by_route(settings, ("a@x.test", "b@X.TEST", "c@y.test"), 1)
+        assert sorted(groups.values()) == [("a@x.test", "b@X.TEST"), ("c@y.test",)]
+        assert {route.port for route in groups} == {2500}
+
+
+class TestReport:
+    def _report(self) -> email.message.EmailMessage:
+        raw = bounce.build_report(
+            queue_id="q1",
+            sender="alice@sender.test",
+            failures=[bounce.Failure("bob@x.test", "5.1.1", "550 5.1.1 unknown", "mx.x.test")],
+            headers=bounce.original_headers(b"Subject: hi\r\nFrom: alice@sender.test\r\n\r\nbody"),
+            hostname="relay.test",
+            arrival=0.0,
+            now=1.0,
+        )
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(message, email.message.EmailMessage)
+        return message
+
+    def test_report_is_rfc3464_multipart(self) -> None:
+        """multipart/report; report-type=delivery-status with the three parts in order."""
+        message = self._report()
+        assert message.get_content_type() == "multipart/report"
+        assert message.get_param("report-type") == "delivery-status"
+        assert [p.get_content_type() for p in message.iter_parts()] == [
+            "text/plain",
+            "message/delivery-status",
+            "text/rfc822-headers",
+        ]
+
+    def test_report_carries_status_and_only_the_headers(self) -> None:
+        """The per-recipient fields are present and the body of the original is not."""
+        message = self._report()
+        parts = list(message.iter_parts())
+        status = parts[1].as_string()
+        for line in (
+            "Reporting-MTA: dns; relay.test",
+            "Final-Recipient: rfc822; bob@x.test",
+            "Action: failed",
+            "Status: 5.1.1",
+            "Remote-MTA: dns; mx.x.test",
+            "Diagnostic-Code: smtp; 550 5.1.1 unknown",
+        ):
+            assert line in status
+        headers = parts[2].get_payload()
+        assert "Subject: hi" in headers
+        assert "body" not in headers
+        assert message["Auto-Submitted"] == "auto-replied"
+
+    @pytest.mark.parametrize(
+        ("code", "text", "status"),
+        [(550, "5.1.1 no such user", "5.1.1"), (554, "rejected", "5.0.0"), (451, "x", "4.0.0")],
+    )
+    def test_status_comes_from_the_reply(self, code: int, text: str, status: str) -> None:
+        """An enhanced status code in the reply is used, else one derived from the code."""
+        assert bounce.status_for(code, text) == status
+
+
+class TestSpool:
+    def test_enqueued_message_is_on_disk_with_its_envelope(self, tmp_path: Path) -> None:
+        """After enqueue returns, a reader of the directory sees envelope and content."""
+        queue = Spool(tmp_path)
+        envelope = asyncio.run(
+            queue.enqueue(sender="a@x.test", recipients=("b@y.test",), data=b"Subject: s\r\n\r\nb")
+        )
+        again = Spool(tmp_path)
+        read_envelope, data = again.read(envelope.id)
+        assert read_envelope == envelope
+        assert data == b"Subject: s\r\n\r\nb"
+        assert [entry.id for entry in again.scan()] == [envelope.id]
+
+    def test_concurrent_messages_share_directory_fsyncs(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Forty messages enqueued at once need fewer than forty directory fsyncs."""
+        calls: list[Path] = []
+        real = spool._fsync_dir
+
+        def counting(path: Path) -> None:
+            calls.append(path)
+            real(path)
+
+        monkeypatch.setattr(spool, "_fsync_dir", counting)
+        queue = Spool(tmp_path)
+
+        async def burst() -> None:
+            await asyncio.gather(
+                *(
+                    queue.enqueue(sender="a@x.test", recipients=("b@y.test",), data=b"x" * 2048)
+                    for _ in range(40)
+                )
+            )
+
+        asyncio.run(burst())
+        assert len(list(queue.ids())) == 40
+        assert 1 <= len(calls) < 40
+
+    def test_state_records_progress_and_pending_recipients(self, tmp_path: Path) -> None:
+        """Saved state survives a new Spool object; pending excludes settled recipients."""
+        queue = Spool(tmp_path)
+        envelope = asyncio.run(
+            queue.enqueue(sender="", recipients=("a@x.test", "b@x.test", "c@x.test"), data=b"")
+        )
+        state = QueueState(
+            attempts=2, due=123.0, delivered=frozenset({"a@x.test"}), failed=frozenset({"b@x.test"})
+        )
+        queue.save_state(envelope.id, state)
+        loaded = Spool(tmp_path).load_state(envelope.id)
+        assert loaded == state
+        assert loaded.pending(envelope) == ("c@x.test",)
+
+    def test_torn_state_file_means_start_over_not_crash(self, tmp_path: Path) -> None:
+        """A half-written state file reads as 'nothing recorded yet'."""
+        queue = Spool(tmp_path)
+        envelope = asyncio.run(queue.enqueue(sender="", recipients=("a@x.test",), data=b""))
+        (tmp_path / "state" / f"{envelope.id}.json").write_text('{"attempts": 3, "du')
+        assert queue.load_state(envelope.id) == QueueState()
+
+    def test_orphans_of_a_crash_are_cleaned(self, tmp_path: Path) -> None:
+        """Temporary files and state without a message are removed at start."""
+        queue = Spool(tmp_path)
+        (tmp_path / "queue" / ".tmp-abc.eml").write_bytes(b"partial")
+        (tmp_path / "state" / "gone.json").write_text("{}")
+        assert queue.remove_orphans() == 2
+        assert list(queue.ids()) == []
+        assert list((tmp_path / "state").iterdir()) == []
+
+    def test_ids_sort_by_arrival(self) -> None:
+        """Queue ids order as their arrival times do."""
+        ids = [spool.new_queue_id(t) for t in (1.0, 2.5, 1000.0, 1e9)]
+        assert ids == sorted(ids)
