@@ -1,8 +1,11 @@
 """Queue administration: what ``mailq``, ``postqueue -f`` and ``postsuper -d`` give a Postfix admin.
 
 These work on the spool directory, next to a running relay: ``flush`` asks the relay (by the
-PID in the spool) to try everything now, ``delete`` and ``bounce`` remove the message file
-first, so a relay that has not yet started an attempt finds nothing to send.
+PID in the spool) to try everything now. ``delete`` and ``bounce`` first take the message's
+lock, which the relay holds for the whole of a delivery attempt: an attempt in flight is
+waited for (up to ``LOCK_WAIT`` seconds), and one not yet started finds the message gone. So
+a queue command never makes a message go out twice, and never loses one: a recipient the
+attempt delivered is not bounced, and a message the attempt finished is "already gone".
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import signal
 from dataclasses import dataclass
 
 from smtprelay import bounce
-from smtprelay.spool import PID_FILE, Spool
+from smtprelay.spool import PID_FILE, Busy, Spool
+
+LOCK_WAIT = 90.0  # longer than one delivery attempt usually takes
 
 
 @dataclass(frozen=True)
@@ -104,44 +109,52 @@ def signal_relay(spool: Spool) -> int | None:
 
 
 def flush(spool: Spool) -> tuple[int, int | None]:
-    """Mark every message due now, on disk and in the running relay."""
+    """Mark every message due now, on disk and in the running relay; a message in the
+    middle of an attempt is left to it."""
     count = 0
     for queue_id in list(spool.ids()):
-        with contextlib.suppress(FileNotFoundError):
-            spool.reschedule(queue_id, 0.0)
-            count += 1
+        with contextlib.suppress(Busy), spool.locked(queue_id) as present:
+            if present:
+                spool.reschedule(queue_id, 0.0)
+                count += 1
     return count, signal_relay(spool)
 
 
-def delete(spool: Spool, queue_id: str) -> bool:
-    return spool.remove(queue_id)
+def delete(spool: Spool, queue_id: str, *, wait: float = LOCK_WAIT) -> bool:
+    """Remove a message; False if it was already gone. Raises `Busy` after ``wait``."""
+    with spool.locked(queue_id, timeout=wait) as present:
+        return present and spool.remove(queue_id)
 
 
-def bounce_message(spool: Spool, queue_id: str, *, hostname: str, now: float) -> bool:
+def bounce_message(
+    spool: Spool, queue_id: str, *, hostname: str, now: float, wait: float = LOCK_WAIT
+) -> bool:
     """Fail every pending recipient and return the message to its sender."""
-    try:
+    with spool.locked(queue_id, timeout=wait) as present:
+        if not present:
+            return False  # the relay finished it meanwhile
         envelope, data = spool.read(queue_id)
-    except FileNotFoundError:
-        return False
-    pending = spool.load_state(queue_id).pending(envelope)
-    if not spool.remove(queue_id):
-        return False  # the relay finished it meanwhile
+        pending = spool.load_state(queue_id).pending(envelope)
+        if envelope.sender and pending:
+            failures = [
+                bounce.Failure(recipient, "5.0.0", "returned to sender by the administrator")
+                for recipient in pending
+            ]
+            report = bounce.build_report(
+                queue_id=queue_id,
+                sender=envelope.sender,
+                failures=failures,
+                headers=bounce.original_headers(data),
+                hostname=hostname,
+                arrival=envelope.received,
+                now=now,
+            )
+            # the report is durable before the message goes: a crash between the two at worst
+            # leaves both, never neither
+            asyncio.run(
+                spool.enqueue(sender="", recipients=(envelope.sender,), data=report, client="admin")
+            )
+        spool.remove(queue_id)
     if envelope.sender and pending:
-        failures = [
-            bounce.Failure(recipient, "5.0.0", "returned to sender by the administrator")
-            for recipient in pending
-        ]
-        report = bounce.build_report(
-            queue_id=queue_id,
-            sender=envelope.sender,
-            failures=failures,
-            headers=bounce.original_headers(data),
-            hostname=hostname,
-            arrival=envelope.received,
-            now=now,
-        )
-        asyncio.run(
-            spool.enqueue(sender="", recipients=(envelope.sender,), data=report, client="admin")
-        )
         signal_relay(spool)
     return True

@@ -1,17 +1,19 @@
-"""``smtprelay``: serve, check-config, and queue administration."""
+"""``smtprelay``: serve, check-config, queue administration, hash-password."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import socket
 import sys
 import time
 from pathlib import Path
 
 from smtprelay import admin
+from smtprelay.auth import hash_password
 from smtprelay.config import ConfigError, RelayConfig, load_config
-from smtprelay.spool import Spool
+from smtprelay.spool import Busy, Spool
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate relay.yaml and exit")
     check.add_argument("--config", type=Path, required=True, help="path to relay.yaml")
+
+    hashing = commands.add_parser(
+        "hash-password",
+        help="print a password hash for auth.usersFile (reads the password from stdin)",
+    )
+    hashing.add_argument("--user", help="print a 'user: hash' line ready for the users file")
 
     queue = commands.add_parser("queue", help="inspect and manage the spool")
     where = queue.add_mutually_exclusive_group(required=True)
@@ -76,16 +84,42 @@ def _queue(args: argparse.Namespace) -> int:
     if args.action == "show":
         sys.stdout.write(admin.show(spool, args.id))
         return 0
-    if args.action == "delete":
-        done = admin.delete(spool, args.id)
-    else:
-        done = admin.bounce_message(spool, args.id, hostname=hostname, now=time.time())
+    try:
+        if args.action == "delete":
+            done = admin.delete(spool, args.id)
+        else:
+            done = admin.bounce_message(spool, args.id, hostname=hostname, now=time.time())
+    except Busy:
+        print(
+            f"smtprelay queue {args.action}: {args.id} is still being delivered after "
+            f"{admin.LOCK_WAIT:.0f}s; try again",
+            file=sys.stderr,
+        )
+        return 1
     print(f"{args.id}: {args.action}d" if done else f"{args.id}: already gone")
     return 0 if done else 1
 
 
+def _hash_password(args: argparse.Namespace) -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("smtprelay hash-password: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("smtprelay hash-password: empty password", file=sys.stderr)
+        return 1
+    encoded = hash_password(password)
+    print(f"{args.user}: '{encoded}'" if args.user else encoded)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "hash-password":
+        return _hash_password(args)
     if args.command == "check-config":
         config = _load(args.config)
         if config is None:
@@ -98,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         from smtprelay import service  # the server's imports are only needed to serve
 
-        asyncio.run(service.run(config))
+        try:
+            asyncio.run(service.run(config))
+        except service.StartError:
+            return 1  # already logged, naming the file or setting
         return 0
     return _queue(args)
 

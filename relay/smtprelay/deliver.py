@@ -2,7 +2,9 @@
 
 Replies are classified per recipient (RFC 5321 §4.2.1): 2xx delivered, 4xx and connection
 failures deferred, 5xx failed. STARTTLS is used whenever the peer offers it (opportunistic,
-unverified, as for MX delivery in general); it is required before AUTH at a gateway.
+unverified, as for MX delivery in general); it is required before AUTH at a gateway, so a
+gateway that does not offer it defers the mail rather than receive the password in clear.
+With ``logging.debug`` the client writes a transcript (see :mod:`smtprelay.transcript`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import aiosmtplib
+
+from smtprelay.transcript import TranscribingSMTP
 
 Outcome = Literal["delivered", "deferred", "failed"]
 
@@ -62,7 +66,7 @@ async def _deliver_once(
     credentials: Credentials | None,
     timeout: float,
 ) -> dict[str, Result]:
-    client = aiosmtplib.SMTP(
+    client = TranscribingSMTP(
         hostname=address,
         port=port,
         local_hostname=helo,

@@ -8,9 +8,12 @@ shutdown, errors) always reach stdout as well, so ``kubectl logs`` is never empt
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
 import os
+import queue
 import socket
 import sys
 import threading
@@ -124,49 +127,85 @@ class DayFileSink:
 
 
 class SyslogSink:
-    """RFC 5424 messages, facility mail, over UDP or TCP (octet-counted, RFC 6587)."""
+    """RFC 5424 messages, facility mail, over UDP or TCP (octet-counted, RFC 6587).
+
+    Sending happens on a thread behind a bounded queue, so a slow or unreachable log server
+    never stalls mail; when the queue is full, events are dropped and counted (``dropped``).
+    A TCP connection that breaks is reopened for the next event.
+    """
+
+    MAX_UDP = 8192  # larger datagrams fragment or are refused; transcripts can be long
+    QUEUE = 10_000
 
     def __init__(self, server: str, protocol: str, hostname: str) -> None:
         self._address = split_hostport(server, 514)
         self._protocol = protocol
-        self._hostname = hostname or "-"
+        self._hostname = (hostname or "-")[:255]
         self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(self.QUEUE)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="syslog", daemon=True)
+        self._thread.start()
 
     def format(self, event: MutableMapping[str, Any]) -> bytes:
         severity = _SEVERITY.get(str(event.get("level", "info")), 6)
         stamp = event.get("timestamp") or dt.datetime.now(dt.UTC).isoformat()
-        msgid = str(event.get("event", "-")).replace(" ", "_")[:32] or "-"
+        msgid = "".join(c for c in str(event.get("event", "-")) if 33 <= ord(c) <= 126)[:32]
         header = (
             f"<{_FACILITY_MAIL * 8 + severity}>1 {stamp} {self._hostname} smtprelay "
-            f"{os.getpid()} {msgid} -"
+            f"{os.getpid()} {msgid or '-'} -"
         )
         return f"{header} {_json(event)}".encode()
 
+    def write(self, event: MutableMapping[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(self.format(event))
+        except queue.Full:
+            self.dropped += 1
+
     def _connect(self) -> socket.socket:
-        family = socket.AF_INET6 if ":" in self._address[0] else socket.AF_INET
+        infos = socket.getaddrinfo(*self._address, type=socket.SOCK_DGRAM)
+        family = infos[0][0] if infos else socket.AF_INET
         kind = socket.SOCK_DGRAM if self._protocol == "udp" else socket.SOCK_STREAM
         sock = socket.socket(family, kind)
         if kind == socket.SOCK_STREAM:
             sock.settimeout(5)
-            sock.connect(self._address)
+            try:
+                sock.connect(self._address)
+            except OSError:
+                sock.close()
+                raise
         return sock
 
-    def write(self, event: MutableMapping[str, Any]) -> None:
-        payload = self.format(event)
-        with self._lock:
-            try:
-                if self._sock is None:
-                    self._sock = self._connect()
-                if self._protocol == "udp":
-                    self._sock.sendto(payload, self._address)
-                else:
-                    self._sock.sendall(f"{len(payload)} ".encode() + payload)
-            except OSError as error:
-                if self._sock is not None:
-                    self._sock.close()
-                self._sock = None
-                sys.stderr.write(f"smtprelay: syslog to {self._address}: {error}\n")
+    def _send(self, payload: bytes) -> None:
+        try:
+            if self._sock is None:
+                self._sock = self._connect()
+            if self._protocol == "udp":
+                self._sock.sendto(payload[: self.MAX_UDP], self._address)
+            else:
+                self._sock.sendall(f"{len(payload)} ".encode() + payload)
+        except OSError as error:
+            if self._sock is not None:
+                self._sock.close()
+            self._sock = None
+            self.dropped += 1
+            sys.stderr.write(f"smtprelay: syslog to {self._address}: {error}\n")
+
+    def _run(self) -> None:
+        while (payload := self._queue.get()) is not None:
+            self._send(payload)
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is queued (for at most ``timeout`` seconds), then stop the thread."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._thread.join(timeout)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 class _Router:
@@ -208,6 +247,23 @@ def _configure_structlog() -> None:
 _configure_structlog()
 
 
+class _StdlibBridge(logging.Handler):
+    """Warnings and errors that libraries (aiosmtpd, asyncio) log reach the system channel."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:
+            message = str(record.msg)
+        event: dict[str, Any] = {"logger": record.name}
+        if record.exc_info:
+            event["exc_info"] = record.exc_info
+        system_log().log(record.levelno, message, **event)
+
+
+_BRIDGE = _StdlibBridge(logging.WARNING)
+
+
 def configure(
     settings: Logging, *, spool_dir: Path, hostname: str, clock: Callable[[], float] = time.time
 ) -> None:
@@ -223,8 +279,24 @@ def configure(
         sink = _ROUTER.stdout
     else:
         sink = None
+    close()
     _ROUTER.mail = sink
     _ROUTER.debug = settings.debug
+    root = logging.getLogger()
+    if _BRIDGE not in root.handlers:
+        root.addHandler(_BRIDGE)
+    # aiosmtpd logs every session at INFO; only its warnings and errors are wanted
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+def close() -> None:
+    """Flush and close the mail target (the last events of a shutdown reach syslog too)."""
+    sink = _ROUTER.mail
+    if sink is not None and sink is not _ROUTER.stdout:
+        closer = getattr(sink, "close", None)
+        if closer is not None:
+            closer()
+    _ROUTER.mail = _ROUTER.stdout
 
 
 def mail_log() -> Any:

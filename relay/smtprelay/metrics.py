@@ -48,6 +48,15 @@ class _Metrics:
         self.connections = Counter(
             "smtprelay_connections", "SMTP connections accepted.", registry=r
         )
+        self.connections_open = Gauge(
+            "smtprelay_connections_open", "SMTP sessions open now.", registry=r
+        )
+        self.auth = Counter(
+            "smtprelay_auth_attempts",
+            "SMTP AUTH outcomes (success, failure, blocked by the failure limit).",
+            ["outcome"],
+            registry=r,
+        )
         self.queue_size = Gauge("smtprelay_queue_messages", "Messages in the spool.", registry=r)
         self.oldest = Gauge(
             "smtprelay_queue_oldest_message_age_seconds",

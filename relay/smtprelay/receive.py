@@ -13,18 +13,25 @@ import errno
 import ipaddress
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
+from smtprelay.auth import FailureLimiter, Users
 from smtprelay.config import MailSettings
-from smtprelay.logs import mail_log
+from smtprelay.logs import debug_enabled, mail_log
 from smtprelay.metrics import METRICS
 from smtprelay.spool import Spool, new_queue_id
+from smtprelay.transcript import mask_auth, record
 
 MAX_HOPS = 50
 MAX_RECIPIENTS = 1000
+
+SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+AUTH_BLOCKED = "421 4.7.0 Too many failed authentications from your address, try again later"
+AUTH_NOT_OFFERED = "502 5.5.1 AUTH is not offered by this relay"
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rf"({_LABEL}(\.{_LABEL})*|\[(IPv6:)?[0-9A-Fa-f:.]+\])"
@@ -82,11 +89,140 @@ def received_header(
     ).encode("utf-8", "replace")
 
 
+@dataclass(frozen=True)
+class _Unchecked:
+    """Credentials aiosmtpd has parsed, waiting for the (slow, threaded) password check."""
+
+    mechanism: str
+    credentials: LoginPassword
+
+
 class RelaySMTP(SMTP):
-    """aiosmtpd's protocol with RFC 3463 status codes on its stock size and line replies."""
+    """aiosmtpd's protocol, with what a production front door adds to it.
+
+    RFC 3463 status codes on its stock size and line replies; AUTH PLAIN/LOGIN against the
+    users file, checked off the event loop and rate limited per client address; a graceful
+    stop (``shut_down``); and, with ``logging.debug``, a transcript of the session.
+    """
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        users: Users | None = None,
+        limiter: FailureLimiter | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self._users = users
+        self._limiter = limiter or FailureLimiter()
+        self._closing = False
+        if debug_enabled():
+            self._smtp_methods = {
+                name: self._transcribed(name, method) for name, method in self._smtp_methods.items()
+            }
+
+    # --- transcript -------------------------------------------------------------------
+
+    @property
+    def peer_text(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    def _transcribed(self, name: str, method: Callable[[str | None], Awaitable[None]]) -> Any:
+        async def call(arg: str | None) -> None:
+            record("in", self.peer_text, mask_auth(f"{name} {arg}" if arg else name))
+            await method(arg)
+
+        return call
 
     async def push(self, status: str) -> None:  # type: ignore[override]
-        await super().push(_ENHANCED.get(status, status))
+        status = _ENHANCED.get(status, status)
+        if self._users is None and status.startswith("250-AUTH"):
+            return  # aiosmtpd advertises AUTH under TLS; without a users file there is none
+        if debug_enabled():
+            record("out", self.peer_text, status)
+        await super().push(status)
+
+    # --- graceful stop ----------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def _hang_up(self, reply: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(reply.encode() + b"\r\n")
+            self.transport.close()  # flushes the reply first
+
+    def shut_down(self) -> None:
+        """Take no more mail: an idle session is told 421 and closed now; one in the middle
+        of a transaction finishes it (and gets its 250) and is closed after it."""
+        self._closing = True
+        if not self.in_transaction:
+            self._hang_up(SHUTTING_DOWN)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self._closing:
+            self._hang_up(SHUTTING_DOWN)
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        await super().smtp_DATA(arg)
+        if self._closing:
+            self._hang_up(SHUTTING_DOWN)
+
+    # --- AUTH -------------------------------------------------------------------------
+
+    @property
+    def _client(self) -> str:
+        return str(client_ip(self.session.peer if self.session else None))
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self._users is None:
+            await self.push(AUTH_NOT_OFFERED)
+            return
+        if self._limiter.blocked(self._client):
+            METRICS.auth.labels(outcome="blocked").inc()
+            self._hang_up(AUTH_BLOCKED)
+            return
+        await super().smtp_AUTH(arg)
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        # aiosmtpd checks credentials synchronously; scrypt is too slow for the event loop,
+        # so the parsed credentials are handed to _settle, which checks them in a thread.
+        return AuthResult(success=False, handled=False, auth_data=_Unchecked(mechanism, auth_data))
+
+    async def auth_PLAIN(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._settle(await super().auth_PLAIN(server, args))
+
+    async def auth_LOGIN(self, server: Any, args: list[str]) -> AuthResult:
+        return await self._settle(await super().auth_LOGIN(server, args))
+
+    async def _settle(self, result: AuthResult) -> AuthResult:
+        pending = result.auth_data
+        if not isinstance(pending, _Unchecked) or self._users is None:
+            return result  # malformed or aborted: aiosmtpd has answered already
+        user = pending.credentials.login.decode("utf-8", "replace")
+        ok = await self._users.check(user, pending.credentials.password)
+        client = self._client
+        mail_log().info(
+            "auth",
+            client=client,
+            user=user,
+            mechanism=pending.mechanism,
+            outcome="success" if ok else "failure",
+        )
+        METRICS.auth.labels(outcome="success" if ok else "failure").inc()
+        if ok:
+            self._limiter.succeeded(client)
+            return AuthResult(success=True, auth_data=pending.credentials)
+        if self._limiter.failed(client):
+            self._hang_up(AUTH_BLOCKED)
+            return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False)  # 535 5.7.8
 
 
 class RelayHandler:

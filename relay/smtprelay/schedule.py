@@ -22,7 +22,7 @@ from smtprelay.deliver import Credentials, Result, deliver
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
-from smtprelay.spool import Envelope, Spool
+from smtprelay.spool import Busy, Envelope, Spool
 
 
 class Scheduler:
@@ -131,7 +131,10 @@ class Scheduler:
     async def _attempt(self, queue_id: str) -> float | None:
         """One attempt; returns when the message is due again, or None when it is done."""
         try:
-            return await self._attempt_unguarded(queue_id)
+            with self._spool.locked(queue_id) as present:  # queue commands wait for us
+                return await self._attempt_unguarded(queue_id) if present else None
+        except Busy:
+            return self._clock() + 1.0  # a queue command holds it; look again shortly
         except asyncio.CancelledError:
             raise
         except Exception as error:  # one broken message must not stop the queue

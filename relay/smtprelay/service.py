@@ -1,8 +1,13 @@
 """Start/Stop Service: wires the stages around the spool and runs them until SIGTERM.
 
-On SIGTERM the listener closes first, sessions in progress get ``SESSION_GRACE`` seconds to
-finish, deliveries in flight get ``DELIVERY_GRACE`` seconds, then the process exits 0. Any
-message that got a 250 is on disk by then and is picked up again at the next start.
+On SIGTERM the listener closes first (``/readyz`` turns 503), idle sessions are told 421 and
+closed, and two drains run side by side: sessions in the middle of a transaction get
+``SESSION_GRACE`` seconds to finish it (and get their 250), deliveries in flight get
+``DELIVERY_GRACE`` seconds; then the process exits 0. The longer of the two, plus a little for
+closing, must fit in the pod's ``terminationGracePeriodSeconds`` (30, as the operator
+renders it), or the kubelet's SIGKILL cuts the drain short. Any message that got a 250 is on
+disk by then and is picked up again at the next start; a session cut off before its 250 is
+the client's to retry, and an attempt cut off is tried again after the restart.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import yaml
 
 from smtprelay import logs
+from smtprelay.auth import FailureLimiter, Users, UsersFileError
 from smtprelay.config import RelayConfig, split_hostport
 from smtprelay.deliver import Credentials
 from smtprelay.logs import system_log
@@ -28,9 +34,11 @@ from smtprelay.receive import RelayHandler, RelaySMTP
 from smtprelay.route import MxResolver
 from smtprelay.schedule import Scheduler
 from smtprelay.spool import PID_FILE, Spool
+from smtprelay.tlsreload import ReloadingContext
 
 SESSION_GRACE = 20.0
-DELIVERY_GRACE = 5.0
+DELIVERY_GRACE = 20.0
+TERMINATION_GRACE = 30.0  # the operator's terminationGracePeriodSeconds
 
 
 def load_credentials(path: Path | None) -> Credentials | None:
@@ -47,10 +55,10 @@ def load_credentials(path: Path | None) -> Credentials | None:
 
 
 class _Sessions:
-    """The SMTP sessions open now, so shutdown can wait for them."""
+    """The SMTP sessions open now, so shutdown can tell them and wait for them."""
 
     def __init__(self) -> None:
-        self.open: set[asyncio.BaseTransport] = set()
+        self.open: set[RelaySMTP] = set()
 
 
 class _TrackedSMTP(RelaySMTP):
@@ -59,12 +67,16 @@ class _TrackedSMTP(RelaySMTP):
         self._sessions = sessions
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._sessions.open.add(transport)
-        METRICS.connections.inc()
+        if self not in self._sessions.open:  # STARTTLS calls this again for the same session
+            self._sessions.open.add(self)
+            METRICS.connections.inc()
+            METRICS.connections_open.inc()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self._sessions.open.discard(self.transport)
+        if self in self._sessions.open:
+            self._sessions.open.discard(self)
+            METRICS.connections_open.dec()
         super().connection_lost(error)
 
 
@@ -75,13 +87,96 @@ def _oldest_age(spool: Spool) -> float:
     return max(0.0, time.time() - int(first[:11], 16) / 1000)
 
 
+class StartError(Exception):
+    """The relay cannot start; the message names the file or setting to fix."""
+
+
+def _tls(config: RelayConfig) -> ReloadingContext | None:
+    if config.tls is None:
+        return None
+
+    def reloaded(problem: str | None) -> None:
+        if problem is None:
+            system_log().info("tls_reloaded", cert=str(config.tls.cert_file) if config.tls else "")
+        else:
+            system_log().error("tls_reload_failed", error=problem)
+
+    try:
+        return ReloadingContext(config.tls.cert_file, config.tls.key_file, on_reload=reloaded)
+    except (OSError, ssl.SSLError) as error:
+        raise StartError(
+            f"tls: cannot load {config.tls.cert_file} / {config.tls.key_file}: {error}"
+        ) from None
+
+
+def _users(config: RelayConfig) -> Users | None:
+    if config.auth is None:
+        return None
+    try:
+        return Users(
+            config.auth.users_file,
+            on_error=lambda problem: system_log().error("auth_users_unreadable", error=problem),
+        )
+    except UsersFileError as error:
+        raise StartError(f"auth.usersFile: {error}") from None
+
+
+def _log_loop_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    error = context.get("exception")
+    system_log().error(
+        "event_loop_error",
+        message=context.get("message"),
+        error=repr(error) if error is not None else None,
+    )
+
+
 async def run(config: RelayConfig, *, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (by SIGTERM/SIGINT when not given)."""
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_log_loop_errors)
     stop = stop or asyncio.Event()
     hostname = config.hostname or socket.getfqdn()
     logs.configure(config.logging, spool_dir=config.spool_dir, hostname=hostname)
     log = system_log()
+    try:
+        await _serve(config, hostname=hostname, stop=stop)
+    except StartError as error:
+        log.error("start_failed", error=str(error))
+        raise
+    finally:
+        logs.close()
+
+
+async def _drain(server: asyncio.Server, sessions: _Sessions, scheduler: Scheduler) -> int:
+    """Stop taking mail and let work in progress finish, within the graces; returns how many
+    sessions had to be cut off."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SESSION_GRACE
+    server.close()  # no new connections; /readyz answers 503 from now on
+    for session in list(sessions.open):
+        session.shut_down()
+    stopping_delivery = asyncio.create_task(scheduler.stop(DELIVERY_GRACE))
+    while sessions.open and loop.time() < deadline:  # noqa: ASYNC110 -- a bounded drain
+        await asyncio.sleep(0.05)
+    cut = len(sessions.open)
+    for session in list(sessions.open):
+        if session.transport is not None:
+            session.transport.close()
+    await stopping_delivery
+    return cut
+
+
+async def _serve(config: RelayConfig, *, hostname: str, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    log = system_log()
+    tls = _tls(config)
+    users = _users(config)
+    try:
+        credentials = load_credentials(config.gateway.credentials_file)
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
+        raise StartError(
+            f"gateway.credentialsFile: cannot read username and password: {error}"
+        ) from None
 
     spool = Spool(config.spool_dir)
     spool.remove_orphans()
@@ -91,27 +186,25 @@ async def run(config: RelayConfig, *, stop: asyncio.Event | None = None) -> None
         settings=config,
         hostname=hostname,
         resolver=MxResolver(config.dns_servers),
-        credentials=load_credentials(config.gateway.credentials_file),
+        credentials=credentials,
     )
     recovered = scheduler.load()
     spool.subscribe(scheduler.notify)
 
-    tls_context: ssl.SSLContext | None = None
-    if config.tls is not None:
-        tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls_context.load_cert_chain(config.tls.cert_file, config.tls.key_file)
-
     handler = RelayHandler(settings=config, hostname=hostname, spool=spool)
     sessions = _Sessions()
+    limiter = FailureLimiter()
 
     def factory() -> _TrackedSMTP:
         return _TrackedSMTP(
             handler,
             sessions=sessions,
+            users=users,
+            limiter=limiter,
             data_size_limit=config.max_message_size,
             hostname=hostname,
             ident="smtprelay",
-            tls_context=tls_context,
+            tls_context=tls.current() if tls is not None else None,
             auth_require_tls=True,
             timeout=300,
         )
@@ -142,18 +235,15 @@ async def run(config: RelayConfig, *, stop: asyncio.Event | None = None) -> None
         recovered=recovered,
         hostname=hostname,
         log_target=config.logging.target,
+        tls=tls is not None,
+        auth=users is not None,
     )
     try:
         await stop.wait()
     finally:
         log.info("stopping", sessions=len(sessions.open))
-        server.close()
-        deadline = loop.time() + SESSION_GRACE
-        while sessions.open and loop.time() < deadline:  # noqa: ASYNC110 -- a bounded drain
-            await asyncio.sleep(0.05)
-        for transport in list(sessions.open):
-            transport.close()
-        await scheduler.stop(DELIVERY_GRACE)
+        began = loop.time()
+        cut = await _drain(server, sessions, scheduler)
         delivery.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await delivery
@@ -162,4 +252,9 @@ async def run(config: RelayConfig, *, stop: asyncio.Event | None = None) -> None
             loop.remove_signal_handler(signum)
         with contextlib.suppress(FileNotFoundError):
             (config.spool_dir / PID_FILE).unlink()
-        log.info("stopped", queued=len(list(spool.ids())))
+        log.info(
+            "stopped",
+            queued=len(list(spool.ids())),
+            sessions_cut=cut,
+            seconds=round(loop.time() - began, 3),
+        )
