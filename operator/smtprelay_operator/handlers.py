@@ -149,15 +149,23 @@ def reconcile(
         )
         raise kopf.PermanentError(f"the relay would refuse this spec: {problem}")
 
+    # Each object on its own: a PVC the cluster refuses to resize must not hold back a
+    # new relay.yaml.
     deployment: dict[str, Any] | None = None
-    try:
-        for obj in rendered.objects():
+    failures: list[str] = []
+    for obj in rendered.objects():
+        try:
             result = kube.apply(obj)
-            if obj["kind"] == "Deployment":
-                deployment = result
-    except ApiException as error:
-        target = f"{obj['kind']} {obj['metadata']['name']}"
-        message = f"applying {target}: {error.reason}: {_api_message(error)}"
+        except ApiException as error:
+            target = f"{obj['kind']} {obj['metadata']['name']}"
+            failures.append(f"applying {target}: {error.reason}: {_api_message(error)}")
+            continue
+        if obj["kind"] == "Deployment":
+            deployment = result
+    if failures:
+        message = "; ".join(failures)
+        if deployment is not None:
+            applied_hash = rendered.config_hash
         kopf.event(body, type="Warning", reason="ApplyFailed", message=message)
         _write_status(
             kube,
@@ -166,7 +174,7 @@ def reconcile(
                 kube, current, generation, applied_hash, suspended, ("ApplyFailed", message)
             ),
         )
-        raise kopf.TemporaryError(message, delay=_APPLY_RETRY_DELAY) from error
+        raise kopf.TemporaryError(message, delay=_APPLY_RETRY_DELAY)
 
     if reason != kopf.Reason.RESUME:
         kopf.event(

@@ -202,6 +202,64 @@ class TestUpdate:
         assert condition(relay, "Ready")["lastTransitionTime"] == since
         assert cluster.must_get("service", "mail")["spec"]["ports"][0]["port"] == 2525
 
+    def test_refused_change_is_degraded_and_holds_back_nothing_else(
+        self, cluster: Cluster, operator: Operator
+    ) -> None:
+        """A PVC resize the cluster refuses → Degraded ApplyFailed; relay.yaml still updates."""
+        create_relay(cluster, "mail")
+        wait_ready(cluster, "mail")
+        cluster.patch(
+            "smtprelay",
+            "mail",
+            {"spec": {"storage": {"size": "2Gi"}, "gateway": {"host": "gw.example.com"}}},
+        )
+
+        def degraded() -> bool:
+            found = condition(cluster.must_get("smtprelay", "mail"), "Degraded")
+            return found.get("status") == "True" and found.get("reason") == "ApplyFailed"
+
+        wait_for(degraded, timeout=CONVERGE, what="Degraded ApplyFailed")
+        message = condition(cluster.must_get("smtprelay", "mail"), "Degraded")["message"]
+        assert "PersistentVolumeClaim mail-spool" in message
+        assert relay_yaml(cluster, "mail")["gateway"]["host"] == "gw.example.com"
+        cluster.patch("smtprelay", "mail", {"spec": {"storage": {"size": "1Gi"}}})
+
+        def recovered() -> bool:
+            found = condition(cluster.must_get("smtprelay", "mail"), "Degraded")
+            return found.get("status") == "False"
+
+        wait_for(recovered, timeout=CONVERGE, what="Degraded to clear once the spec is fixed")
+
+    def test_retaining_the_spool_later_drops_its_owner_reference(
+        self, cluster: Cluster, operator: Operator
+    ) -> None:
+        """retainOnDelete false → true removes the PVC's ownerReference (and back)."""
+        create_relay(cluster, "mail", {"storage": {"retainOnDelete": False}})
+        wait_ready(cluster, "mail")
+
+        def owners() -> list[Any]:
+            claim = cluster.must_get("persistentvolumeclaim", "mail-spool")
+            return list(claim["metadata"].get("ownerReferences") or [])
+
+        assert len(owners()) == 1
+        cluster.patch("smtprelay", "mail", {"spec": {"storage": {"retainOnDelete": True}}})
+        wait_for(lambda: owners() == [], timeout=CONVERGE, what="the ownerReference to go")
+        cluster.patch("smtprelay", "mail", {"spec": {"storage": {"retainOnDelete": False}}})
+        wait_for(lambda: len(owners()) == 1, timeout=CONVERGE, what="the ownerReference back")
+
+
+class TestScale:
+    def test_twenty_relays_converge_together(self, cluster: Cluster, operator: Operator) -> None:
+        """Twenty SmtpRelays applied at once all become Ready, each with its own four objects."""
+        names = [f"relay-{index:02d}" for index in range(20)]
+        for name in names:
+            create_relay(cluster, name)
+        for name in names:
+            wait_ready(cluster, name)
+        for kind in ("configmap", "deployment", "persistentvolumeclaim", "service"):
+            selector = f"{api.MANAGED_BY_LABEL}=smtprelay-operator"
+            assert len(cluster.list(kind, selector)) == len(names), kind
+
 
 class TestDrift:
     def test_deleted_deployment_is_recreated(self, cluster: Cluster, operator: Operator) -> None:
