@@ -5,6 +5,7 @@ Every peer here is the real program on a loopback address; the tests start and s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import email
 import email.message
@@ -14,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -126,6 +128,7 @@ class Received:
     recipients: tuple[str, ...]
     data: bytes
     peer: str
+    login: str = ""  # the AUTH user, when the sink requires AUTH
 
     @property
     def message(self) -> email.message.EmailMessage:
@@ -147,6 +150,17 @@ class _SinkHandler:
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self._sink.in_data.set()
+        with self._sink.lock:
+            self._sink.active += 1
+            self._sink.most_active = max(self._sink.most_active, self._sink.active)
+        try:
+            while self._sink.hold is not None and not self._sink.hold.is_set():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # a slow destination, released by the test
+            await asyncio.sleep(self._sink.data_delay)  # a destination that is slow to answer
+        finally:
+            with self._sink.lock:
+                self._sink.active -= 1
         if self._sink.data_reply.startswith("250"):
             with self._sink.lock:
                 self._sink.messages.append(
@@ -155,6 +169,7 @@ class _SinkHandler:
                         recipients=tuple(envelope.rcpt_tos),
                         data=envelope.original_content or b"",
                         peer=str(session.peer[0]) if session.peer else "",
+                        login=(session.login_data or b"").decode(),
                     )
                 )
         return self._sink.data_reply
@@ -170,15 +185,25 @@ class Sink:
         *,
         rcpt_reply: str | Callable[[str], str] = "250 2.1.5 OK",
         data_reply: str = "250 2.0.0 OK",
+        hold: threading.Event | None = None,
+        data_delay: float = 0.0,
+        **smtp_options: Any,
     ) -> None:
+        """``hold``: DATA is answered only once it is set; ``smtp_options`` go to aiosmtpd's
+        SMTP (``tls_context``, ``authenticator``, ``auth_required`` ...)."""
         self.host = host
         self.port = port
         self.messages: list[Received] = []
         self.lock = threading.Lock()
         self._rcpt = rcpt_reply
         self.data_reply = data_reply
+        self.hold = hold
+        self.in_data = threading.Event()
+        self.data_delay = data_delay
+        self.active = 0  # sessions in DATA now, and the most there ever were at once
+        self.most_active = 0
         self._controller = Controller(
-            _SinkHandler(self), hostname=host, port=port, ready_timeout=10
+            _SinkHandler(self), hostname=host, port=port, ready_timeout=10, **smtp_options
         )
         self._controller.start()
 
@@ -300,3 +325,109 @@ def running(*peers: Any) -> Iterator[None]:
     finally:
         for peer in peers:
             peer.stop()
+
+
+# --- log servers and certificates ----------------------------------------------------------
+
+
+class SyslogReceiver:
+    """A log server on 127.0.0.1: UDP datagrams, or TCP with RFC 6587 octet counting."""
+
+    def __init__(self, protocol: str) -> None:
+        self.protocol = protocol
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
+        self._sock = socket.socket(socket.AF_INET, kind)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = int(self._sock.getsockname()[1])
+        self.server = f"127.0.0.1:{self.port}"
+        self._sock.settimeout(0.2)
+        if kind == socket.SOCK_STREAM:
+            self._sock.listen()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _keep(self, line: bytes) -> None:
+        with self._lock:
+            self.lines.append(line.decode())
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                if self.protocol == "udp":
+                    self._keep(self._sock.recv(65535))
+                else:
+                    connection, _ = self._sock.accept()
+                    threading.Thread(target=self._read_tcp, args=(connection,), daemon=True).start()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def _read_tcp(self, connection: socket.socket) -> None:
+        buffer = b""
+        with connection:
+            connection.settimeout(0.2)
+            while not self._stopped.is_set():
+                try:
+                    chunk = connection.recv(65535)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    return
+                buffer += chunk
+                while b" " in buffer:
+                    length, _, rest = buffer.partition(b" ")
+                    if len(rest) < int(length):
+                        break
+                    self._keep(rest[: int(length)])
+                    buffer = rest[int(length) :]
+
+    def received(self) -> list[str]:
+        with self._lock:
+            return list(self.lines)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._sock.close()
+        self._thread.join(5)
+
+
+@dataclass
+class Certificates:
+    """A test CA (``trustme``) and a server certificate for ``names``, as PEM files."""
+
+    directory: Path
+    names: tuple[str, ...] = ("relay.test", "127.0.0.1")
+
+    def __post_init__(self) -> None:
+        import trustme
+
+        self.ca = trustme.CA()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.ca_file = self.directory / "ca.pem"
+        self.ca.cert_pem.write_to_path(str(self.ca_file))
+        self.cert_file = self.directory / "tls.crt"
+        self.key_file = self.directory / "tls.key"
+        self.issue()
+
+    def issue(self) -> bytes:
+        """Write a new server certificate (as cert-manager renews one); returns its DER."""
+        leaf = self.ca.issue_cert(*self.names)
+        chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+        tmp_cert, tmp_key = self.cert_file.with_suffix(".new"), self.key_file.with_suffix(".new")
+        tmp_cert.write_bytes(chain)
+        tmp_key.write_bytes(leaf.private_key_pem.bytes())
+        os.replace(tmp_key, self.key_file)
+        os.replace(tmp_cert, self.cert_file)
+        return ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context

@@ -155,3 +155,17 @@ class TestGateway:
         assert got.recipients == ("bob@example.test",)
         assert [e["route"] for e in relay.events("delivery")] == ["gateway"]
         assert mx.messages == []
+
+
+class TestConcurrency:
+    def test_deliveries_in_flight_are_bounded_by_concurrency(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """With delivery.concurrency 2 and a slow MX, never more than two deliveries at once."""
+        dns = start_dns(_zone())
+        mx: Sink = start_sink("127.0.0.2", smtp_port, data_delay=0.3)
+        relay = _relay(start_relay, dns, smtp_port, delivery={"concurrency": 2})
+        for i in range(8):
+            send(relay.port, "alice@sender.test", [f"u{i}@example.test"])
+        mx.wait_for_messages(8)
+        assert mx.most_active == 2
