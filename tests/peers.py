@@ -169,7 +169,7 @@ class _SinkHandler:
                         recipients=tuple(envelope.rcpt_tos),
                         data=envelope.original_content or b"",
                         peer=str(session.peer[0]) if session.peer else "",
-                        login=(session.login_data or b"").decode(),
+                        login=getattr(session.auth_data, "login", b"").decode(),
                     )
                 )
         return self._sink.data_reply
@@ -417,7 +417,8 @@ class Certificates:
         """Write a new server certificate (as cert-manager renews one); returns its DER."""
         leaf = self.ca.issue_cert(*self.names)
         chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
-        tmp_cert, tmp_key = self.cert_file.with_suffix(".new"), self.key_file.with_suffix(".new")
+        tmp_cert = self.directory / "tls.crt.new"
+        tmp_key = self.directory / "tls.key.new"
         tmp_cert.write_bytes(chain)
         tmp_key.write_bytes(leaf.private_key_pem.bytes())
         os.replace(tmp_key, self.key_file)

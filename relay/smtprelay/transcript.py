@@ -35,8 +35,8 @@ def record(direction: Direction, peer: str, line: str, **context: Any) -> None:
 class TranscribingSMTP(aiosmtplib.SMTP):
     """aiosmtplib's client, writing each command it sends and each reply it reads.
 
-    Hooks ``execute_command`` (every command but the message itself), ``data`` and the
-    greeting read by ``_create_connection`` (aiosmtplib 5.x).
+    Hooks ``execute_command`` (every command but STARTTLS and the message), ``starttls``,
+    ``data`` and the greeting read by ``_create_connection`` (aiosmtplib 5.x).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -49,8 +49,10 @@ class TranscribingSMTP(aiosmtplib.SMTP):
 
     def _reply(self, response: SMTPResponse) -> None:
         self._challenged = response.code == 334
-        for line in response.message.splitlines() or [""]:
-            record("recv", self._peer, f"{response.code} {line}".rstrip())
+        lines = response.message.splitlines() or [""]
+        for number, line in enumerate(lines, 1):
+            mark = " " if number == len(lines) else "-"
+            record("recv", self._peer, f"{response.code}{mark}{line}".rstrip())
 
     async def _create_connection(self, timeout: float | None) -> SMTPResponse:
         response = await super()._create_connection(timeout)
@@ -64,6 +66,18 @@ class TranscribingSMTP(aiosmtplib.SMTP):
         line = b" ".join(args).decode("utf-8", "replace")
         record("send", self._peer, MASK if self._challenged else mask_auth(line))
         response = await super().execute_command(*args, **kwargs)
+        self._reply(response)
+        return response
+
+    async def starttls(self, *args: Any, **kwargs: Any) -> SMTPResponse:
+        if not debug_enabled():
+            return await super().starttls(*args, **kwargs)
+        record("send", self._peer, "STARTTLS")
+        try:
+            response = await super().starttls(*args, **kwargs)
+        except aiosmtplib.SMTPResponseException as error:
+            record("recv", self._peer, f"{error.code} {error.message}")
+            raise
         self._reply(response)
         return response
 
