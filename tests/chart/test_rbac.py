@@ -27,6 +27,8 @@ NAMESPACED_RIGHTS = {
     ("", "events"): {"create"},
 }
 CLUSTER_RIGHTS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+# kopf follows namespaces only when it serves a list of them (not cluster-wide).
+NAMESPACE_RIGHTS = {("", "namespaces"): {"list", "watch"}}
 
 
 def rights(role: chart.Object) -> dict[tuple[str, str], set[str]]:
@@ -54,6 +56,11 @@ class TestRules:
         """The ClusterRole is the namespaced rights plus list/watch on CRDs, nothing more."""
         role = chart.only(chart.render(), "ClusterRole")
         assert rights(role) == NAMESPACED_RIGHTS | CLUSTER_RIGHTS
+
+    def test_limited_cluster_role_may_follow_namespaces(self) -> None:
+        """Cluster scope limited to watchNamespaces adds list/watch on namespaces, for kopf."""
+        role = chart.only(chart.render(RENDERINGS["cluster-limited"]), "ClusterRole")
+        assert rights(role) == NAMESPACED_RIGHTS | CLUSTER_RIGHTS | NAMESPACE_RIGHTS
 
     def test_roles_grant_the_namespaced_rights(self) -> None:
         """Each Role in namespaced mode grants the same rights, less the cluster-scoped ones."""

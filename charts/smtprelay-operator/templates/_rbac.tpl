@@ -31,7 +31,7 @@ Code paths are in operator/smtprelay_operator/ (handlers.py, kube.py) and kopf 1
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# kopf.info/kopf.warn post Events about an SmtpRelay (Applied, Restored, InvalidConfig,
+# kopf.event posts Events about an SmtpRelay (Applied, Restored, InvalidConfig,
 # ApplyFailed); kopf 1.45 posts core v1 Events only, never events.k8s.io.
 - apiGroups: [""]
   resources: ["events"]
@@ -39,10 +39,8 @@ Code paths are in operator/smtprelay_operator/ (handlers.py, kube.py) and kopf 1
 {{- end }}
 
 {{/*
-Cluster-scoped rights, only with rbac.scope=cluster: kopf lists the CRDs once at start-up
-and then watches them (kopf._core.reactor.observation.resource_observer), so it notices the
-SmtpRelay CRD being installed or upgraded. Peering needs nothing: the operator runs
---standalone (main.py). Namespaces need nothing either: a cluster-wide kopf does not list them.
+Cluster-scoped rights, only with rbac.scope=cluster. The operator runs --standalone
+(main.py), so kopf's peering needs nothing.
 */}}
 {{- define "smtprelay-operator.clusterRules" -}}
 # kopf lists the CRDs at start-up and then watches them (its resource observer), so it
@@ -50,4 +48,11 @@ SmtpRelay CRD being installed or upgraded. Peering needs nothing: the operator r
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- if .Values.watchNamespaces }}
+# Only when limited to watchNamespaces: kopf then lists and watches namespaces (its namespace
+# observer) to follow the listed ones coming and going. Cluster-wide it does not.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
 {{- end }}
