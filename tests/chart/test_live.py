@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
 import pytest
 from kubernetes import client
 
@@ -255,3 +256,33 @@ class TestNamespacedScope:
         ) as here:
             reconcile_fully(here, other_namespace, ready_within=20)
             assert here.operator.denials(here.account_id) == []
+
+
+class TestHelmInstall:
+    def test_helm_install_and_uninstall(
+        self, control_plane: ControlPlane, kube_namespace: str
+    ) -> None:
+        """Helm's own install (CRD from crds/, then templates) deploys; uninstall cleans up."""
+        release = f"h-{kube_namespace}"
+        values = {"relays": [{"name": RELAY, "spec": {"defaultMailHost": "mail.example.com"}}]}
+        with helm.Config(kubeconfig_path=control_plane.kubeconfig, namespace=kube_namespace) as cfg:
+            try:
+                result = cfg.install(
+                    chart.CHART_DIR,
+                    release,
+                    values,
+                    namespace=kube_namespace,
+                    wait="watcher",
+                    timeout=120,
+                )
+                assert result["status"] == "deployed"
+                assert "--for=condition=Ready smtprelay/mail" in result["notes"]
+                assert f"{kube_namespace}/{RELAY}" in result["notes"]
+                fullname = f"{release}-smtprelay-operator"
+                assert live.get(control_plane, "deployment", fullname, kube_namespace) is not None
+                assert live.get(control_plane, "smtprelay", RELAY, kube_namespace) is not None
+                assert control_plane.kubectl("get", "clusterrole", fullname, "-o", "name").strip()
+            finally:
+                cfg.uninstall(release, ignore_not_found=True, wait="watcher", timeout=120)
+        gone = control_plane.kubectl("get", "clusterrole", "-o", "name")
+        assert f"clusterrole.rbac.authorization.k8s.io/{release}-smtprelay-operator" not in gone
