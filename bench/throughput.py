@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=20, help="parallel SMTP sessions (20)")
     parser.add_argument("--size", type=int, default=2048, help="message body bytes (2048)")
     parser.add_argument("--repeat", type=int, default=3, help="trials per side (3)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="hard limit a trial (s)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="hard limit a trial (300 s)")
     parser.add_argument("--only", choices=["relay", "postfix"], help="run one side only")
     parser.add_argument(
         "--log-target", choices=["file", "none"], default="file", help="relay logging (file)"
