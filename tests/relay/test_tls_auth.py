@@ -14,6 +14,7 @@ import yaml
 from aiosmtpd.smtp import AuthResult, LoginPassword
 from smtprelay.auth import FailureLimiter, hash_password, verify_password
 from smtprelay.cli import main
+from smtprelay.tlsreload import ReloadingContext
 
 from tests.peers import Certificates, Relay, Sink, wait_for
 from tests.relay.mail import message, send
@@ -80,6 +81,30 @@ class TestPasswordHash:
         assert not limiter.blocked("10.0.0.2")
         now[0] += 301
         assert not limiter.blocked("10.0.0.1")
+
+
+class TestReloadingContext:
+    def test_a_broken_renewal_keeps_the_last_good_certificate(self, certs: Certificates) -> None:
+        """A key that does not match its certificate is reported once; the old context stays."""
+        now = [0.0]
+        problems: list[str | None] = []
+        context = ReloadingContext(
+            certs.cert_file, certs.key_file, on_reload=problems.append, clock=lambda: now[0]
+        )
+        first = context.current()
+        other = Certificates(certs.directory.parent / "other")
+        certs.key_file.write_bytes(other.key_file.read_bytes())  # mismatched pair
+        now[0] += 2
+        assert context.current() is first
+        now[0] += 2
+        assert context.current() is first
+        assert len(problems) == 1
+        assert problems[0] is not None
+        certs.issue()  # a good pair again
+        now[0] += 2
+        assert context.current() is not first
+        assert problems[-1] is None
+        assert context.reloads == 1
 
 
 class TestStartTls:
@@ -153,6 +178,25 @@ class TestAuth:
         assert b"with ESMTPSA" in (relay.spool / "queue" / queued).read_bytes()
         [auth] = relay.events("auth")
         assert (auth["user"], auth["outcome"], auth["client"]) == ("alice", "success", "127.0.0.1")
+
+    def test_a_changed_users_file_takes_effect_without_restart(
+        self, start_relay: Start, certs: Certificates, tmp_path: Path
+    ) -> None:
+        """The users Secret is re-read: a rotated password works, the old one no longer does."""
+        relay = _secure_relay(start_relay, certs, tmp_path)
+        (tmp_path / "users.yaml").write_text(yaml.safe_dump({"alice": hash_password("rotated")}))
+
+        def code(password: str) -> int:
+            with _client(relay) as client:
+                client.starttls(context=certs.client_context())
+                client.ehlo("client.test")
+                try:
+                    return _auth_plain(client, "alice", password)[0]
+                except smtplib.SMTPAuthenticationError as error:
+                    return error.smtp_code
+
+        assert code("rotated") == 235
+        assert code(PASSWORD) == 535
 
     def test_swaks_sends_with_starttls_and_auth_login(
         self, start_relay: Start, certs: Certificates, tmp_path: Path
