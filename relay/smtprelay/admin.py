@@ -123,7 +123,7 @@ def flush(spool: Spool) -> tuple[int, int | None]:
 def delete(spool: Spool, queue_id: str, *, wait: float = LOCK_WAIT) -> bool:
     """Remove a message; False if it was already gone. Raises `Busy` after ``wait``."""
     with spool.locked(queue_id, timeout=wait) as present:
-        return present and spool.remove(queue_id)
+        return present and spool.remove(queue_id, durable=True)
 
 
 def bounce_message(
@@ -154,7 +154,7 @@ def bounce_message(
             asyncio.run(
                 spool.enqueue(sender="", recipients=(envelope.sender,), data=report, client="admin")
             )
-        spool.remove(queue_id)
+        spool.remove(queue_id, durable=True)
     if envelope.sender and pending:
         signal_relay(spool)
     return True

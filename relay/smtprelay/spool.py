@@ -299,11 +299,13 @@ class Spool:
         finally:
             os.close(fd)
 
-    def remove(self, queue_id: str) -> bool:
+    def remove(self, queue_id: str, *, durable: bool = False) -> bool:
         """Drop a message and its state; False if it was already gone.
 
-        No fsync: if a crash undoes the unlink, the message is merely delivered again,
-        which the relay's contract allows; an fsync per delivered message would not be.
+        After a delivery no fsync is needed: if a crash undoes the unlink, the message is
+        merely delivered again, which the relay's contract allows, and an fsync per
+        delivered message would cost throughput. An administrator's delete or bounce is
+        ``durable``: a deleted message must not come back and be sent.
         """
         try:
             (self.queue_dir / f"{queue_id}{_SUFFIX}").unlink()
@@ -311,6 +313,8 @@ class Spool:
             return False
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / f"{queue_id}.json").unlink()
+        if durable:
+            _fsync_dir(self.queue_dir)
         return True
 
     def remove_orphans(self) -> int:
