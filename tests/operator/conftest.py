@@ -108,10 +108,18 @@ def wait_for(condition: Any, *, timeout: float, what: str) -> None:
 class Operator:
     """`smtprelay-operator` as a subprocess; start, stop (SIGTERM) and read its log."""
 
-    def __init__(self, plane: ControlPlane, namespace: str, log_dir: Path) -> None:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        namespace: str,
+        log_dir: Path,
+        *,
+        kubeconfig: Path | None = None,
+    ) -> None:
         self.plane = plane
         self.namespace = namespace
         self.log_dir = log_dir
+        self.kubeconfig = kubeconfig or plane.kubeconfig
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = log_dir / "operator-0.log"
         self.starts = 0
@@ -122,6 +130,7 @@ class Operator:
         self.log_path = self.log_dir / f"operator-{self.starts}.log"
         self.starts += 1
         env = self.plane.env()
+        env["KUBECONFIG"] = str(self.kubeconfig)
         env["SMTPRELAY_RELAY_IMAGE"] = TEST_IMAGE
         executable = Path(sys.executable).parent / "smtprelay-operator"
         with self.log_path.open("wb") as log:
@@ -199,19 +208,24 @@ def cluster(
         )
 
 
-@pytest.fixture
-def operator(control_plane: ControlPlane, cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
-    """The operator, running, watching only this test's namespace."""
-    running = Operator(control_plane, cluster.namespace, tmp_path)
+@contextlib.contextmanager
+def running_operator(running: Operator) -> Iterator[Operator]:
+    """Start, yield, stop; the logs' tails go to stdout, which pytest shows on failure."""
     running.start()
     try:
         yield running
     finally:
         running.stop()
-        # Shown by pytest only when the test fails.
-        for path in sorted(tmp_path.glob("operator-*.log")):
+        for path in sorted(running.log_dir.glob("operator-*.log")):
             tail = "\n".join(path.read_text(errors="replace").splitlines()[-_LOG_TAIL:])
             sys.stdout.write(f"----- {path.name} (tail) -----\n{tail}\n")
+
+
+@pytest.fixture
+def operator(control_plane: ControlPlane, cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
+    """The operator, running as cluster admin, watching only this test's namespace."""
+    with running_operator(Operator(control_plane, cluster.namespace, tmp_path)) as running:
+        yield running
 
 
 def relay_manifest(name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
