@@ -13,7 +13,7 @@ import datetime
 import json
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import kopf
@@ -75,11 +75,10 @@ def _render(relay: Mapping[str, Any], memo: kopf.Memo) -> render.Rendered:
     )
 
 
-def _write_status(
-    kube: Kube,
-    relay: Mapping[str, Any],
-    observe: Any,
-) -> None:
+Observe = Callable[[Mapping[str, Any]], "status.Observed | None"]
+
+
+def _write_status(kube: Kube, relay: Mapping[str, Any], observe: Observe) -> None:
     """Compute the status from a fresh read and write it unless it is already so.
 
     ``observe(relay)`` returns the `status.Observed` facts, or None to leave the status alone.
@@ -135,7 +134,6 @@ def reconcile(
     generation = int(relay["metadata"].get("generation", 0))
     rendered = _render(relay, memo)
     applied_hash = (relay.get("status") or {}).get("configHash") or rendered.config_hash
-    suspended = render.desired_replicas(spec) == 0
 
     problem = _validate(rendered)
     if problem is not None:
@@ -144,34 +142,39 @@ def reconcile(
             kube,
             body,
             lambda current: _observe(
-                kube, current, generation, applied_hash, suspended, ("InvalidConfig", problem)
+                kube,
+                current,
+                generation=generation,
+                config_hash=applied_hash,
+                failure=("InvalidConfig", problem),
             ),
         )
         raise kopf.PermanentError(f"the relay would refuse this spec: {problem}")
 
     # Each object on its own: a PVC the cluster refuses to resize must not hold back a
     # new relay.yaml.
-    deployment: dict[str, Any] | None = None
     failures: list[str] = []
     for obj in rendered.objects():
         try:
-            result = kube.apply(obj)
+            kube.apply(obj)
         except ApiException as error:
             target = f"{obj['kind']} {obj['metadata']['name']}"
             failures.append(f"applying {target}: {error.reason}: {_api_message(error)}")
             continue
         if obj["kind"] == "Deployment":
-            deployment = result
+            applied_hash = rendered.config_hash
     if failures:
         message = "; ".join(failures)
-        if deployment is not None:
-            applied_hash = rendered.config_hash
         kopf.event(body, type="Warning", reason="ApplyFailed", message=message)
         _write_status(
             kube,
             body,
             lambda current: _observe(
-                kube, current, generation, applied_hash, suspended, ("ApplyFailed", message)
+                kube,
+                current,
+                generation=generation,
+                config_hash=applied_hash,
+                failure=("ApplyFailed", message),
             ),
         )
         raise kopf.TemporaryError(message, delay=_APPLY_RETRY_DELAY)
@@ -185,15 +188,12 @@ def reconcile(
             f"{render.desired_replicas(spec)} replica(s)",
         )
     logger.info("applied generation %s (config %s)", generation, rendered.config_hash[:12])
+    # The Deployment is read again after the SmtpRelay, not taken from the apply: a rollout
+    # that finished meanwhile must not be overwritten by the older picture.
     _write_status(
         kube,
         body,
-        lambda _current: status.Observed(
-            generation=generation,
-            config_hash=rendered.config_hash,
-            suspended=suspended,
-            deployment=deployment,
-        ),
+        lambda current: _observe(kube, current, generation=generation, config_hash=applied_hash),
     )
 
 
@@ -208,17 +208,17 @@ def _api_message(error: ApiException) -> str:
 def _observe(
     kube: Kube,
     current: Mapping[str, Any],
+    *,
     generation: int,
     config_hash: str,
-    suspended: bool,
-    failure: tuple[str, str] | None,
+    failure: tuple[str, str] | None = None,
 ) -> status.Observed:
+    """The facts for a status: what reconcile applied, and the Deployment as it is now."""
     meta = current["metadata"]
     deployment = kube.get("apps/v1", "Deployment", namespace=meta["namespace"], name=meta["name"])
     return status.Observed(
         generation=generation,
         config_hash=config_hash,
-        suspended=suspended,
         deployment=deployment,
         failure=failure,
     )
@@ -323,7 +323,6 @@ def _follow_rollout(kube: Kube, relay: Mapping[str, Any], deployment: Mapping[st
         return status.Observed(
             generation=int(known["observedGeneration"]),
             config_hash=str(known["configHash"]),
-            suspended=int(deployment.get("spec", {}).get("replicas", 1)) == 0,
             deployment=deployment,
             failure=failure,
         )

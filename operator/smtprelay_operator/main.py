@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import kopf
 
-from smtprelay_operator import handlers, render
+import smtprelay_operator.handlers  # noqa: F401 - importing registers the kopf handlers
+from smtprelay_operator import render
 
 IMAGE_ENV = "SMTPRELAY_RELAY_IMAGE"
 IMAGE_REPOSITORY = "ghcr.io/smtprelay/smtprelay"
@@ -58,7 +59,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     memo = kopf.Memo(
         defaults=render.OperatorDefaults(relay_image=args.relay_image or default_image())
     )
-    assert handlers.reconcile  # importing registers the handlers with kopf's registry
     kopf.run(
         standalone=True,
         clusterwide=not args.namespace,

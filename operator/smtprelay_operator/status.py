@@ -27,7 +27,6 @@ class Observed:
     """The SmtpRelay generation the objects were last applied from."""
     config_hash: str
     """The hash of the relay.yaml last applied (kept when a newer spec could not be)."""
-    suspended: bool
     deployment: Mapping[str, Any] | None
     """The live Deployment, or None when it does not exist."""
     failure: tuple[str, str] | None = None
@@ -69,7 +68,7 @@ def _rollout(observed: Observed) -> tuple[_Verdict, _Verdict]:
         and int(state.get("replicas", 0)) == desired
     )
     available = int(state.get("availableReplicas", 0))
-    if observed.suspended:
+    if desired == 0:  # only spec.suspended scales the relay to 0
         ready = _Verdict("False", "Suspended", "spec.suspended is true; the queue is kept")
         if current:
             return ready, _Verdict("False", "Suspended", "scaled to 0")

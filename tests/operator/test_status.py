@@ -43,7 +43,6 @@ def observe(live: dict[str, Any] | None, **overrides: Any) -> status.Observed:
     facts: dict[str, Any] = {
         "generation": 3,
         "config_hash": HASH,
-        "suspended": False,
         "deployment": live,
     }
     facts.update(overrides)
@@ -91,9 +90,16 @@ class TestRollout:
     def test_suspended(self) -> None:
         """Suspended and scaled to 0: Ready False with reason Suspended, not Progressing."""
         live = deployment(replicas=0, updated=0, current=0, available=0)
-        conditions = by_type(status.compute(observe(live, suspended=True), previous=[], now=T0))
+        conditions = by_type(status.compute(observe(live), previous=[], now=T0))
         assert conditions["Ready"]["reason"] == "Suspended"
         assert conditions["Progressing"]["status"] == "False"
+
+    def test_scaling_down(self) -> None:
+        """Suspended while the pod still runs: Progressing True, ScalingDown."""
+        live = deployment(replicas=0, updated=0, current=1, available=1)
+        conditions = by_type(status.compute(observe(live), previous=[], now=T0))
+        assert conditions["Ready"]["reason"] == "Suspended"
+        assert conditions["Progressing"]["reason"] == "ScalingDown"
 
 
 class TestDegraded:
