@@ -38,7 +38,7 @@ from smtprelay.spool import QueueState, Spool
 from bench.postfix import Postfix
 from bench.procs import TreeSampler, cpu_seconds, free_port, wait_for
 from bench.relay import Relay
-from bench.report import filesystem, machine, revision, spread, table
+from bench.report import filesystem, machine, median, revision, spread, table
 from bench.throughput import scratch
 
 CLOSED_HOST = "127.0.0.2"
@@ -263,13 +263,14 @@ def summarise(args: argparse.Namespace, sides: list[Side]) -> str:
     by_side = {s.side: s for s in sides}
     if len(by_side) == 2:
         relay, postfix = by_side["relay"], by_side["postfix"]
-        for what, a, b in (
-            ("mailq", relay.list_seconds, postfix.list_seconds),
-            ("queue run", relay.run_seconds, postfix.run_seconds),
-        ):
-            if a and b:
-                ratio = sorted(a)[len(a) // 2] / sorted(b)[len(b) // 2]
-                out.append(f"time ratio relay/postfix, {what}: {ratio:.2f}")
+        ratio = median(relay.list_seconds) / median(postfix.list_seconds)
+        out.append(f"mailq time ratio relay/postfix: {ratio:.2f}")
+        if relay.run_seconds and postfix.run_seconds:
+            rates = [side.run_attempted[0] / side.run_seconds[0] for side in (relay, postfix)]
+            out.append(
+                f"queue run, messages tried a second: relay {rates[0]:.0f}, postfix "
+                f"{rates[1]:.0f}, ratio relay/postfix {rates[0] / rates[1]:.3f}"
+            )
     return "\n".join(out)
 
 
