@@ -251,10 +251,14 @@ def child_changed(
         return  # being garbage-collected with its SmtpRelay: nothing to put back
     if _owned_by_other(child_meta, relay["metadata"]["uid"]):
         return  # left over from an earlier SmtpRelay of the same name, on its way out
+    kind = _kind_of(body)
     rendered = _render(relay, memo)
     if _validate(rendered) is not None:
-        return  # the SmtpRelay's own handler reports the invalid spec
-    kind = _kind_of(body)
+        # Nothing to apply (reconcile reports the spec), but the running relay's
+        # readiness is still worth following.
+        if kind == "Deployment" and event.get("type") != "DELETED":
+            _follow_rollout(kube, relay, body)
+        return
     desired = next(obj for obj in rendered.objects() if obj["kind"] == kind)
     if desired["metadata"]["name"] != child_meta.get("name"):
         return

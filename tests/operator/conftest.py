@@ -1,183 +1,21 @@
 """Fixtures for operator tests against the real control plane (tests/cluster).
 
-The operator runs the way it runs in a cluster: the `smtprelay-operator` console script as
-a subprocess, with KUBECONFIG pointing at the test cluster. Each test gets its own
-namespace and its own operator watching only that namespace, so tests cannot see each
-other's objects and a restart test can stop its operator without disturbing others.
+Each test gets its own namespace and its own operator watching only that namespace, so
+tests cannot see each other's objects and a restart test can stop its operator without
+disturbing others.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import signal
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from smtprelay_operator import api, crd
+from smtprelay_operator import api
 
-from tests.cluster import controlplane
 from tests.cluster.controlplane import ControlPlane
-
-ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = ROOT / "crds" / crd.FILE_NAME
-TEST_IMAGE = "registry.example/smtprelay:test"
-_STOP_TIMEOUT = 15.0
-_START_TIMEOUT = 60.0
-_LOG_TAIL = 60
-
-
-class Cluster:
-    """kubectl against the test control plane, in one namespace, with JSON out."""
-
-    def __init__(self, plane: ControlPlane, namespace: str) -> None:
-        self.plane = plane
-        self.namespace = namespace
-
-    def kubectl(self, *args: str, check: bool = True) -> str:
-        return self.plane.kubectl("-n", self.namespace, *args, check=check)
-
-    def _apply(self, manifest: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(self.plane.bin_dir / "kubectl"), *args, "apply", "-f", "-"],
-            env=self.plane.env(),
-            input=json.dumps(manifest),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-
-    def apply(self, manifest: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-        """`kubectl apply -f -`, returning the completed process (a refusal is not raised)."""
-        return self._apply(manifest, "-n", self.namespace)
-
-    def get(self, kind: str, name: str) -> dict[str, Any] | None:
-        out = self.plane.kubectl(
-            "-n", self.namespace, "get", kind, name, "-o", "json", "--ignore-not-found"
-        )
-        if not out.strip():
-            return None
-        obj: dict[str, Any] = json.loads(out)
-        return obj
-
-    def must_get(self, kind: str, name: str) -> dict[str, Any]:
-        obj = self.get(kind, name)
-        assert obj is not None, f"{kind}/{name} does not exist in {self.namespace}"
-        return obj
-
-    def list(self, kind: str, selector: str) -> list[dict[str, Any]]:
-        out = self.plane.kubectl("-n", self.namespace, "get", kind, "-l", selector, "-o", "json")
-        items: list[dict[str, Any]] = json.loads(out)["items"]
-        return items
-
-    def patch(self, kind: str, name: str, patch: dict[str, Any]) -> None:
-        self.kubectl("patch", kind, name, "--type=merge", "-p", json.dumps(patch))
-
-    def spool_volume(self, relay: str) -> str:
-        """A PersistentVolume pre-bound to `<relay>-spool`; the test cluster has no provisioner."""
-        name = f"pv-{self.namespace}-{relay}"
-        volume = {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": name, "labels": {"smtprelay.test/namespace": self.namespace}},
-            "spec": {
-                "capacity": {"storage": "1Gi"},
-                "accessModes": ["ReadWriteOnce"],
-                "persistentVolumeReclaimPolicy": "Retain",
-                "storageClassName": "",
-                "hostPath": {"path": f"/tmp/{name}"},  # noqa: S108 - a path on kwok's fake node
-                "claimRef": {"namespace": self.namespace, "name": f"{relay}-spool"},
-            },
-        }
-        result = self._apply(volume)
-        assert result.returncode == 0, result.stderr
-        return name
-
-
-def wait_for(condition: Any, *, timeout: float, what: str) -> None:
-    controlplane.wait_for(condition, timeout=timeout, what=what, interval=0.25)
-
-
-class Operator:
-    """`smtprelay-operator` as a subprocess; start, stop (SIGTERM) and read its log."""
-
-    def __init__(
-        self,
-        plane: ControlPlane,
-        namespace: str,
-        log_dir: Path,
-        *,
-        kubeconfig: Path | None = None,
-    ) -> None:
-        self.plane = plane
-        self.namespace = namespace
-        self.log_dir = log_dir
-        self.kubeconfig = kubeconfig or plane.kubeconfig
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = log_dir / "operator-0.log"
-        self.starts = 0
-
-    def start(self) -> None:
-        assert self.process is None, "already running"
-        port = controlplane.free_port()
-        self.log_path = self.log_dir / f"operator-{self.starts}.log"
-        self.starts += 1
-        env = self.plane.env()
-        env["KUBECONFIG"] = str(self.kubeconfig)
-        env["SMTPRELAY_RELAY_IMAGE"] = TEST_IMAGE
-        executable = Path(sys.executable).parent / "smtprelay-operator"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(executable),
-                    "--namespace",
-                    self.namespace,
-                    f"--liveness=http://127.0.0.1:{port}/healthz",
-                    "--verbose",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        process = self.process
-
-        def live() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"operator exited with {process.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/healthz", timeout=1
-                ) as response:
-                    return bool(response.status == 200)
-            except (urllib.error.URLError, OSError):
-                return False
-
-        wait_for(live, timeout=_START_TIMEOUT, what="the operator's liveness endpoint")
-
-    def stop(self) -> None:
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def tail(self) -> str:
-        return "\n".join(self.log().splitlines()[-_LOG_TAIL:])
+from tests.operator.support import CRD_FILE, Cluster, Operator, running_operator, wait_for
 
 
 @pytest.fixture(scope="session")
@@ -208,30 +46,8 @@ def cluster(
         )
 
 
-@contextlib.contextmanager
-def running_operator(running: Operator) -> Iterator[Operator]:
-    """Start, yield, stop; the logs' tails go to stdout, which pytest shows on failure."""
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-        for path in sorted(running.log_dir.glob("operator-*.log")):
-            tail = "\n".join(path.read_text(errors="replace").splitlines()[-_LOG_TAIL:])
-            sys.stdout.write(f"----- {path.name} (tail) -----\n{tail}\n")
-
-
 @pytest.fixture
 def operator(control_plane: ControlPlane, cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
     """The operator, running as cluster admin, watching only this test's namespace."""
     with running_operator(Operator(control_plane, cluster.namespace, tmp_path)) as running:
         yield running
-
-
-def relay_manifest(name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": f"{api.GROUP}/{api.VERSION}",
-        "kind": api.KIND,
-        "metadata": {"name": name},
-        "spec": spec or {},
-    }

@@ -1,4 +1,4 @@
-"""The operator against a real control plane: objects, status, drift, deletion, restarts."""
+"""The operator against a real control plane: create, update, delete, restart, scale."""
 
 from __future__ import annotations
 
@@ -6,58 +6,23 @@ import json
 from typing import Any
 
 import pytest
-import yaml
 from smtprelay_operator import api
 
-from tests.operator.conftest import Cluster, Operator, relay_manifest, wait_for
-
-pytestmark = pytest.mark.cluster
-
-CONVERGE = 60.0  # seconds for the operator and the controllers to settle
-CHILDREN = (
-    ("configmap", "{}-config"),
-    ("deployment", "{}"),
-    ("persistentvolumeclaim", "{}-spool"),
-    ("service", "{}"),
+from tests.operator.support import (
+    CHILDREN,
+    CONVERGE,
+    Cluster,
+    Operator,
+    condition,
+    create_relay,
+    exists,
+    relay_yaml,
+    template_hash,
+    wait_for,
+    wait_ready,
 )
 
-
-def condition(relay: dict[str, Any], kind: str) -> dict[str, Any]:
-    for item in (relay.get("status") or {}).get("conditions") or []:
-        if item["type"] == kind:
-            found: dict[str, Any] = item
-            return found
-    return {}
-
-
-def relay_yaml(cluster: Cluster, name: str) -> dict[str, Any]:
-    text = cluster.must_get("configmap", f"{name}-config")["data"]["relay.yaml"]
-    document: dict[str, Any] = yaml.safe_load(text)
-    return document
-
-
-def template_hash(cluster: Cluster, name: str) -> str:
-    deployment = cluster.must_get("deployment", name)
-    return str(
-        deployment["spec"]["template"]["metadata"]["annotations"][api.CONFIG_HASH_ANNOTATION]
-    )
-
-
-def create_relay(cluster: Cluster, name: str, spec: dict[str, Any] | None = None) -> None:
-    cluster.spool_volume(name)
-    result = cluster.apply(relay_manifest(name, spec))
-    assert result.returncode == 0, result.stderr
-
-
-def wait_ready(cluster: Cluster, name: str) -> dict[str, Any]:
-    cluster.kubectl(
-        "wait", "--for=condition=Ready", f"smtprelay/{name}", f"--timeout={CONVERGE:.0f}s"
-    )
-    return cluster.must_get("smtprelay", name)
-
-
-def exists(cluster: Cluster, kind: str, name: str) -> bool:
-    return cluster.get(kind, name) is not None
+pytestmark = pytest.mark.cluster
 
 
 class TestCreate:
@@ -259,159 +224,6 @@ class TestScale:
         for kind in ("configmap", "deployment", "persistentvolumeclaim", "service"):
             selector = f"{api.MANAGED_BY_LABEL}=smtprelay-operator"
             assert len(cluster.list(kind, selector)) == len(names), kind
-
-
-class TestDrift:
-    def test_deleted_deployment_is_recreated(self, cluster: Cluster, operator: Operator) -> None:
-        """Deleting the Deployment by hand brings a new one, and the relay back to Ready."""
-        create_relay(cluster, "mail")
-        wait_ready(cluster, "mail")
-        old_uid = cluster.must_get("deployment", "mail")["metadata"]["uid"]
-        cluster.kubectl("delete", "deployment", "mail", "--wait=false")
-
-        def recreated() -> bool:
-            deployment = cluster.get("deployment", "mail")
-            return deployment is not None and deployment["metadata"]["uid"] != old_uid
-
-        wait_for(recreated, timeout=CONVERGE, what="the Deployment to be recreated")
-        wait_ready(cluster, "mail")
-
-    def test_hand_edited_config_map_is_put_back(self, cluster: Cluster, operator: Operator) -> None:
-        """Editing relay.yaml by hand is reverted to what the spec says; an Event says so."""
-        create_relay(cluster, "mail", {"delivery": {"tries": 7}})
-        wait_ready(cluster, "mail")
-        rendered = cluster.must_get("configmap", "mail-config")["data"]["relay.yaml"]
-        cluster.patch("configmap", "mail-config", {"data": {"relay.yaml": "hostname: hijacked\n"}})
-        wait_for(
-            lambda: cluster.must_get("configmap", "mail-config")["data"]["relay.yaml"] == rendered,
-            timeout=CONVERGE,
-            what="relay.yaml to be restored",
-        )
-
-        def announced() -> bool:
-            events = json.loads(
-                cluster.kubectl(
-                    "get", "events", "--field-selector", "reason=Restored", "-o", "json"
-                )
-            )["items"]
-            return any("ConfigMap mail-config" in event["message"] for event in events)
-
-        wait_for(announced, timeout=CONVERGE, what="a Restored event on the SmtpRelay")
-
-    def test_deleted_config_map_and_service_are_recreated(
-        self, cluster: Cluster, operator: Operator
-    ) -> None:
-        """Deleting the ConfigMap or the Service by hand brings them back."""
-        create_relay(cluster, "mail")
-        wait_ready(cluster, "mail")
-        cluster.kubectl("delete", "configmap/mail-config", "service/mail")
-        wait_for(
-            lambda: (
-                exists(cluster, "configmap", "mail-config") and exists(cluster, "service", "mail")
-            ),
-            timeout=CONVERGE,
-            what="the ConfigMap and the Service to be recreated",
-        )
-
-    def test_scaled_deployment_is_scaled_back(self, cluster: Cluster, operator: Operator) -> None:
-        """`kubectl scale` is drift too: replicas return to what the spec says."""
-        create_relay(cluster, "mail")
-        wait_ready(cluster, "mail")
-        cluster.kubectl("scale", "deployment", "mail", "--replicas=3")
-        wait_for(
-            lambda: cluster.must_get("deployment", "mail")["spec"]["replicas"] == 1,
-            timeout=CONVERGE,
-            what="replicas to return to 1",
-        )
-
-    def test_fields_of_other_managers_are_left_alone(
-        self, cluster: Cluster, operator: Operator
-    ) -> None:
-        """A label someone else adds survives the operator's re-apply: it never fights."""
-        create_relay(cluster, "mail")
-        wait_ready(cluster, "mail")
-        cluster.kubectl("label", "service", "mail", "team=mail-admins")
-        cluster.patch("smtprelay", "mail", {"spec": {"service": {"port": 587}}})
-        wait_for(
-            lambda: cluster.must_get("service", "mail")["spec"]["ports"][0]["port"] == 587,
-            timeout=CONVERGE,
-            what="the Service to be re-applied",
-        )
-        assert cluster.must_get("service", "mail")["metadata"]["labels"]["team"] == "mail-admins"
-
-
-INVALID = [
-    pytest.param(
-        {"gateway": {"sendAll": True}},
-        "spec.gateway.host: Required value: gateway.sendAll requires gateway.host",
-        id="sendAll-without-host",
-    ),
-    pytest.param(
-        {"gateway": {"triesBeforeGateway": 2}},
-        "spec.gateway.host: Required value: gateway.triesBeforeGateway requires gateway.host",
-        id="triesBeforeGateway-without-host",
-    ),
-    pytest.param(
-        {"delivery": {"queueTimer": "soon"}},
-        "spec.delivery.queueTimer",
-        id="bad-queueTimer",
-    ),
-    pytest.param(
-        {"delivery": {"tries": 3}, "gateway": {"host": "gw.example.com", "triesBeforeGateway": 3}},
-        "spec.gateway.triesBeforeGateway: Invalid value: "
-        "gateway.triesBeforeGateway must be less than delivery.tries",
-        id="triesBeforeGateway-not-below-tries",
-    ),
-    pytest.param(
-        {"logging": {"target": "syslog"}},
-        "spec.logging.syslogServer: Required value",
-        id="syslog-without-server",
-    ),
-    pytest.param(
-        {"service": {"type": "ExternalName"}},
-        "spec.service.type: Unsupported value",
-        id="bad-service-type",
-    ),
-    pytest.param(
-        {"delivery": {"tries": 0}},
-        "spec.delivery.tries",
-        id="tries-below-one",
-    ),
-]
-
-
-class TestValidation:
-    @pytest.mark.parametrize(("spec", "message"), INVALID)
-    def test_invalid_manifest_is_refused_naming_the_field(
-        self, cluster: Cluster, spec: dict[str, Any], message: str
-    ) -> None:
-        """The API server refuses what the relay would, and the message names the field."""
-        result = cluster.apply(relay_manifest("bad", spec))
-        assert result.returncode != 0
-        assert message in result.stderr
-        assert cluster.get("smtprelay", "bad") is None
-
-    def test_unknown_field_is_refused(self, cluster: Cluster) -> None:
-        """A misspelt field is an error, not silently dropped (kubectl's strict validation)."""
-        result = cluster.apply(relay_manifest("bad", {"delivery": {"queuetimer": "1m"}}))
-        assert result.returncode != 0
-        assert "queuetimer" in result.stderr
-
-    def test_spec_the_relay_refuses_is_reported_degraded(
-        self, cluster: Cluster, operator: Operator
-    ) -> None:
-        """A spec the schema allows but the relay rejects makes Degraded True, InvalidConfig."""
-        create_relay(cluster, "mail", {"allowedNetworks": ["not-a-network"]})
-
-        def degraded() -> bool:
-            relay = cluster.must_get("smtprelay", "mail")
-            found = condition(relay, "Degraded")
-            return found.get("status") == "True" and found.get("reason") == "InvalidConfig"
-
-        wait_for(degraded, timeout=CONVERGE, what="Degraded InvalidConfig")
-        message = condition(cluster.must_get("smtprelay", "mail"), "Degraded")["message"]
-        assert "allowedNetworks" in message
-        assert not exists(cluster, "deployment", "mail")
 
 
 class TestDelete:

@@ -11,8 +11,15 @@ import pytest
 
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.fixtures import ServiceAccountKubeconfig
-from tests.operator.conftest import Cluster, Operator, running_operator, wait_for
-from tests.operator.test_operator import CONVERGE, create_relay, wait_ready
+from tests.operator.support import (
+    CONVERGE,
+    Cluster,
+    Operator,
+    create_relay,
+    running_operator,
+    wait_for,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.cluster
 
