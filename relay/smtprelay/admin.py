@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from smtprelay import bounce
@@ -83,7 +84,7 @@ def show(spool: Spool, queue_id: str) -> str:
         f"client: {envelope.client}",
         f"sender: {envelope.sender or '<>'}",
         f"attempts: {state.attempts}",
-        f"next attempt: {_stamp(state.due) + ' UTC' if state.due else 'now'}",
+        f"next attempt: {_stamp(spool.due(queue_id))} UTC",
     ]
     for recipient in envelope.recipients:
         status = (
@@ -115,7 +116,7 @@ def flush(spool: Spool) -> tuple[int, int | None]:
     for queue_id in list(spool.ids()):
         with contextlib.suppress(Busy), spool.locked(queue_id) as present:
             if present:
-                spool.reschedule(queue_id, 0.0)
+                spool.reschedule(queue_id, time.time())
                 count += 1
     return count, signal_relay(spool)
 

@@ -1,7 +1,7 @@
 """The queue manager: which message is tried when, and what follows from each attempt.
 
 Attempt 1 is made as soon as a message is spooled; a deferred message waits one queue-timer
-interval for its next attempt, and a start tries the whole queue once. An in-memory heap of
+interval for its next attempt, across restarts too. An in-memory heap of
 due times keeps each wake-up's cost proportional to the messages due, not to the queue's
 length. At most ``delivery.concurrency`` messages are in flight.
 """
@@ -58,15 +58,12 @@ class Scheduler:
         return self._heap[0][0] if self._heap else None
 
     def load(self) -> int:
-        """Take every message in the spool into the schedule, due now; returns how many.
-
-        A start is a queue run, as pressing Start Service was: a pod restarted because its
-        configuration changed (a gateway fixed, say) tries its queue at once rather than
-        after up to a queue-timer interval.
-        """
+        """Take every message in the spool into the schedule at its due time; returns how
+        many. Messages never tried are due at once; deferred ones keep their place, so a
+        restart neither spends an attempt of every message nor delays any."""
         entries = self._spool.scan()
         for entry in entries:
-            self._push(entry.id, 0.0)
+            self._push(entry.id, entry.due)
         return len(entries)
 
     def notify(self, queue_id: str) -> None:
@@ -188,13 +185,13 @@ class Scheduler:
             attempts=attempt,
             delivered=state.delivered | delivered,
             failed=state.failed | {f.recipient for f in failures},
-            due=started + self._settings.delivery.queue_timer,
         )
         if not self._spool.contains(queue_id):
             return None
         if new_state.pending(envelope):
-            await asyncio.to_thread(self._spool.save_state, queue_id, new_state)
-            return new_state.due
+            due = started + self._settings.delivery.queue_timer
+            await asyncio.to_thread(self._spool.defer, queue_id, new_state, due)
+            return due
         await asyncio.to_thread(self._spool.remove, queue_id)
         return None
 

@@ -26,7 +26,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _QUEUE = "queue"
@@ -55,7 +55,6 @@ class QueueState:
     """How far delivery of one message has come."""
 
     attempts: int = 0
-    due: float = 0.0
     delivered: frozenset[str] = field(default_factory=frozenset)
     failed: frozenset[str] = field(default_factory=frozenset)
 
@@ -66,10 +65,10 @@ class QueueState:
 
 @dataclass(frozen=True)
 class QueueEntry:
-    """What a scan of the spool yields for one message, without reading its body."""
+    """What a scan of the spool yields for one message, without reading any file."""
 
     id: str
-    state: QueueState
+    due: float
 
 
 def new_queue_id(now: float) -> str:
@@ -161,7 +160,6 @@ def _encode_state(state: QueueState) -> bytes:
     return json.dumps(
         {
             "attempts": state.attempts,
-            "due": state.due,
             "delivered": sorted(state.delivered),
             "failed": sorted(state.failed),
         }
@@ -172,7 +170,6 @@ def _decode_state(raw: bytes) -> QueueState:
     data = json.loads(raw)
     return QueueState(
         attempts=int(data["attempts"]),
-        due=float(data["due"]),
         delivered=frozenset(data["delivered"]),
         failed=frozenset(data["failed"]),
     )
@@ -245,8 +242,36 @@ class Spool:
                 yield name[: -len(_SUFFIX)]
 
     def scan(self) -> list[QueueEntry]:
-        """Every queued message and its state, reading only the small state files."""
-        return [QueueEntry(id=qid, state=self.load_state(qid)) for qid in self.ids()]
+        """Every queued message and when it is next due, in arrival order.
+
+        The due time is the message file's mtime (as in Postfix's deferred queue): a start
+        reads directory entries only, never file contents, however long the queue.
+        """
+        entries = []
+        with os.scandir(self.queue_dir) as listing:
+            for entry in listing:
+                name = entry.name
+                if not name.endswith(_SUFFIX) or name.startswith("."):
+                    continue
+                try:
+                    due = entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # delivered or removed while we looked
+                entries.append(QueueEntry(id=name[: -len(_SUFFIX)], due=due))
+        entries.sort(key=lambda entry: entry.id)
+        return entries
+
+    def due(self, queue_id: str) -> float:
+        """When the message is next due (its file's mtime)."""
+        return (self.queue_dir / f"{queue_id}{_SUFFIX}").stat().st_mtime
+
+    def defer(self, queue_id: str, state: QueueState, due: float) -> None:
+        """Record an attempt's progress and when the next one is due."""
+        self.save_state(queue_id, state)
+        self.set_due(queue_id, due)
+
+    def set_due(self, queue_id: str, due: float) -> None:
+        os.utime(self.queue_dir / f"{queue_id}{_SUFFIX}", (due, due))
 
     def contains(self, queue_id: str) -> bool:
         return (self.queue_dir / f"{queue_id}{_SUFFIX}").exists()
@@ -273,7 +298,7 @@ class Spool:
 
     def reschedule(self, queue_id: str, due: float) -> None:
         """Make a message due at ``due`` (used by ``queue flush``)."""
-        self.save_state(queue_id, replace(self.load_state(queue_id), due=due))
+        self.set_due(queue_id, due)
 
     @contextlib.contextmanager
     def locked(self, queue_id: str, *, timeout: float = 0.0) -> Iterator[bool]:

@@ -59,7 +59,7 @@ class TestManifestToMail:
         spec = {
             "hostname": "e2e.example.com",
             "dnsServers": [mail_world.dns.server],
-            "delivery": {"port": mail_world.port, "queueTimer": "1h"},
+            "delivery": {"port": mail_world.port, "queueTimer": "2s"},
             "logging": {"target": "stdout"},
         }
         result = cluster.apply(relay_manifest(name, spec))

@@ -28,7 +28,7 @@ class TestCrash:
         """Messages accepted before a SIGKILL are delivered by the next process on the spool."""
         dns = start_dns(_zone())
         relay: Relay = start_relay(
-            {"dnsServers": [dns.server], "delivery": {"port": smtp_port, "queueTimer": "1h"}}
+            {"dnsServers": [dns.server], "delivery": {"port": smtp_port, "queueTimer": "2s"}}
         )
         ids = {
             send(relay.port, "alice@sender.test", [f"u{i}@later.test"]).rsplit(" ", 1)[-1]
@@ -149,7 +149,7 @@ class TestCrashDuringBurst:
         message that got a 250 reaches the MX."""
         dns = start_dns(_zone())
         relay: Relay = start_relay(
-            {"dnsServers": [dns.server], "delivery": {"port": smtp_port, "queueTimer": "1h"}}
+            {"dnsServers": [dns.server], "delivery": {"port": smtp_port, "queueTimer": "2s"}}
         )
         accepted: set[str] = set()
         lock = threading.Lock()

@@ -141,7 +141,7 @@ class TestSpool:
             queue.enqueue(sender="", recipients=("a@x.test", "b@x.test", "c@x.test"), data=b"")
         )
         state = QueueState(
-            attempts=2, due=123.0, delivered=frozenset({"a@x.test"}), failed=frozenset({"b@x.test"})
+            attempts=2, delivered=frozenset({"a@x.test"}), failed=frozenset({"b@x.test"})
         )
         queue.save_state(envelope.id, state)
         loaded = Spool(tmp_path).load_state(envelope.id)
@@ -163,6 +163,21 @@ class TestSpool:
         assert queue.remove_orphans() == 2
         assert list(queue.ids()) == []
         assert list((tmp_path / "state").iterdir()) == []
+
+    def test_a_deferred_message_keeps_its_due_time_for_the_next_start(self, tmp_path: Path) -> None:
+        """New messages are due at once; a deferred one is due when its attempt said,
+        which a fresh scan (a restart) reads back without opening any file."""
+        queue = Spool(tmp_path)
+        fresh, deferred = (
+            asyncio.run(queue.enqueue(sender="", recipients=("a@x.test",), data=b""))
+            for _ in range(2)
+        )
+        later = fresh.received + 3600
+        queue.defer(deferred.id, QueueState(attempts=1), later)
+        due = {entry.id: entry.due for entry in Spool(tmp_path).scan()}
+        assert due[fresh.id] <= fresh.received + 1
+        assert due[deferred.id] == pytest.approx(later)
+        assert Spool(tmp_path).load_state(deferred.id).attempts == 1
 
     def test_ids_sort_by_arrival(self) -> None:
         """Queue ids order as their arrival times do."""
