@@ -34,7 +34,7 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     {
         "apiGroups": [""],
         "resources": ["configmaps", "services", "persistentvolumeclaims"],
-        "verbs": ["get", "list", "watch", "create", "patch"],
+        "verbs": ["list", "watch", "create", "patch"],
     },
     {
         "apiGroups": ["apps"],
