@@ -248,6 +248,7 @@ class Relay:
             "spoolDir": str(self.spool),
             "hostname": "relay.test",
             "logging": {"target": "stdout"},
+            "workers": 1,  # one process, unless a test asks for more
             **config,
         }
         self.config_path = workdir / "relay.yaml"

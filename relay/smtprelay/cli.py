@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import socket
 import sys
@@ -130,13 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         config = _load(args.config)
         if config is None:
             return 1
-        from smtprelay import service  # the server's imports are only needed to serve
+        from smtprelay import service, workers  # the server's imports are only needed to serve
 
         try:
-            asyncio.run(service.run(config))
+            return workers.serve(config)
         except service.StartError:
             return 1  # already logged, naming the file or setting
-        return 0
     return _queue(args)
 
 

@@ -295,6 +295,13 @@ class MailSettings(_Model):
     delivery: Delivery = Field(default_factory=Delivery)
     gateway: Gateway = Field(default_factory=Gateway)
     logging: Logging = Field(default_factory=Logging)
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Worker processes sharing the SMTP listener and the spool, each owning "
+        "the messages it accepted; 0: one per CPU the pod may use.",
+    )
 
     @model_validator(mode="after")
     def _gateway_before_tries(self) -> MailSettings:

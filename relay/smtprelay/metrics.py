@@ -8,16 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    values,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 
 @dataclass
 class _Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def rebuild(self) -> None:
+        """Create every metric afresh (in a worker, once values go to shared files)."""
+        self.registry = CollectorRegistry()
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -49,7 +65,10 @@ class _Metrics:
             "smtprelay_connections", "SMTP connections accepted.", registry=r
         )
         self.connections_open = Gauge(
-            "smtprelay_connections_open", "SMTP sessions open now.", registry=r
+            "smtprelay_connections_open",
+            "SMTP sessions open now.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.auth = Counter(
             "smtprelay_auth_attempts",
@@ -68,6 +87,35 @@ class _Metrics:
 METRICS = _Metrics()
 
 
+def enable_multiprocess(directory: Path) -> None:
+    """In a worker process: keep metric values in ``directory``, where the supervisor
+    sums them over all workers (prometheus_client's multiprocess mode)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+    METRICS.rebuild()
+
+
+class _WorkerTotals:
+    """The workers' metrics summed, leaving out what the supervisor measures itself."""
+
+    def __init__(self, directory: Path, skip: set[str]) -> None:
+        self._collector = MultiProcessCollector(None, path=str(directory))  # type: ignore[no-untyped-call]
+        self._skip = skip
+
+    def collect(self) -> list[Metric]:
+        metrics: list[Metric] = self._collector.collect()  # type: ignore[no-untyped-call]
+        return [m for m in metrics if m.name not in self._skip]
+
+
+def multiprocess_exposition(directory: Path, local: CollectorRegistry) -> bytes:
+    """The workers' metrics summed (prometheus_client's multiprocess files), plus the
+    supervisor's own queue gauges, which it reads from the spool."""
+    own = {metric.name for metric in local.collect()}
+    totals = CollectorRegistry()
+    totals.register(_WorkerTotals(directory, own))
+    return generate_latest(totals) + generate_latest(local)
+
+
 def _response(status: str, body: bytes, content_type: str = "text/plain") -> bytes:
     head = (
         f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
@@ -77,7 +125,12 @@ def _response(status: str, body: bytes, content_type: str = "text/plain") -> byt
 
 
 async def serve_http(
-    host: str, port: int, *, ready: Callable[[], bool], refresh: Callable[[], None]
+    host: str,
+    port: int,
+    *,
+    ready: Callable[[], bool],
+    refresh: Callable[[], None],
+    render: Callable[[], bytes] | None = None,
 ) -> asyncio.Server:
     """A minimal HTTP/1.1 server for /metrics, /healthz and /readyz."""
 
@@ -100,7 +153,11 @@ async def serve_http(
             elif path == "/metrics":
                 refresh()
                 writer.write(
-                    _response("200 OK", generate_latest(METRICS.registry), CONTENT_TYPE_LATEST)
+                    _response(
+                        "200 OK",
+                        render() if render else generate_latest(METRICS.registry),
+                        CONTENT_TYPE_LATEST,
+                    )
                 )
             else:
                 writer.write(_response("404 Not Found", b"not found\n"))

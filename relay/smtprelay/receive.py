@@ -23,7 +23,7 @@ from smtprelay.auth import FailureLimiter, Users
 from smtprelay.config import MailSettings
 from smtprelay.logs import debug_enabled, mail_log
 from smtprelay.metrics import METRICS
-from smtprelay.spool import Spool, new_queue_id
+from smtprelay.spool import Spool
 from smtprelay.transcript import mask_auth, record
 
 MAX_HOPS = 50
@@ -332,7 +332,7 @@ class RelayHandler:
                 recipients=list(recipients),
             )
         now = self._clock()
-        queue_id = new_queue_id(now)
+        queue_id = self._spool.shard.new_id(now)
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if session.ssl is not None:
             protocol += "S"

@@ -73,7 +73,11 @@ class Scheduler:
     def flush(self) -> int:
         """Make every spooled message due now (``queue flush``), including any that another
         process (``queue bounce``) put in the spool; returns how many."""
-        waiting = [queue_id for queue_id in self._spool.ids() if queue_id not in self._active]
+        waiting = [
+            queue_id
+            for queue_id in self._spool.ids()
+            if self._spool.shard.owns(queue_id) and queue_id not in self._active
+        ]
         for queue_id in waiting:
             self._push(queue_id, 0.0)
         return len(waiting)

@@ -33,7 +33,7 @@ from smtprelay.metrics import METRICS, serve_http
 from smtprelay.receive import RelayHandler, RelaySMTP
 from smtprelay.route import MxResolver
 from smtprelay.schedule import Scheduler
-from smtprelay.spool import PID_FILE, Spool
+from smtprelay.spool import PID_FILE, Shard, Spool
 from smtprelay.tlsreload import ReloadingContext
 
 SESSION_GRACE = 20.0
@@ -130,8 +130,19 @@ def _log_loop_errors(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -
     )
 
 
-async def run(config: RelayConfig, *, stop: asyncio.Event | None = None) -> None:
-    """Serve until ``stop`` is set (by SIGTERM/SIGINT when not given)."""
+async def run(
+    config: RelayConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    listener: socket.socket | None = None,
+    shard: Shard | None = None,
+) -> None:
+    """Serve until ``stop`` is set (by SIGTERM/SIGINT when not given).
+
+    Alone, the process owns the whole spool, its PID file and the metrics endpoint. As one of
+    several workers (``listener`` and ``shard`` given by the supervisor in workers.py) it
+    accepts on the shared socket and schedules only its shard of the spool.
+    """
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_log_loop_errors)
     stop = stop or asyncio.Event()
@@ -139,7 +150,7 @@ async def run(config: RelayConfig, *, stop: asyncio.Event | None = None) -> None
     logs.configure(config.logging, spool_dir=config.spool_dir, hostname=hostname)
     log = system_log()
     try:
-        await _serve(config, hostname=hostname, stop=stop)
+        await _serve(config, hostname=hostname, stop=stop, listener=listener, shard=shard)
     except StartError as error:
         log.error("start_failed", error=str(error))
         raise
@@ -166,7 +177,15 @@ async def _drain(server: asyncio.Server, sessions: _Sessions, scheduler: Schedul
     return cut
 
 
-async def _serve(config: RelayConfig, *, hostname: str, stop: asyncio.Event) -> None:
+async def _serve(
+    config: RelayConfig,
+    *,
+    hostname: str,
+    stop: asyncio.Event,
+    listener: socket.socket | None,
+    shard: Shard | None,
+) -> None:
+    alone = listener is None
     loop = asyncio.get_running_loop()
     log = system_log()
     tls = _tls(config)
@@ -178,9 +197,10 @@ async def _serve(config: RelayConfig, *, hostname: str, stop: asyncio.Event) -> 
             f"gateway.credentialsFile: cannot read username and password: {error}"
         ) from None
 
-    spool = Spool(config.spool_dir)
-    spool.remove_orphans()
-    (config.spool_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+    spool = Spool(config.spool_dir, shard=shard)
+    if alone:
+        spool.remove_orphans()
+        (config.spool_dir / PID_FILE).write_text(f"{os.getpid()}\n")
     scheduler = Scheduler(
         spool=spool,
         settings=config,
@@ -209,8 +229,11 @@ async def _serve(config: RelayConfig, *, hostname: str, stop: asyncio.Event) -> 
             timeout=300,
         )
 
-    host, port = split_hostport(config.listen, 2525)
-    server = await loop.create_server(factory, host or None, port, reuse_address=True)
+    if listener is not None:
+        server = await loop.create_server(factory, sock=listener)
+    else:
+        host, port = split_hostport(config.listen, 2525)
+        server = await loop.create_server(factory, host or None, port, reuse_address=True)
 
     def ready() -> bool:
         return server.is_serving() and spool.probe_writable()
@@ -219,8 +242,10 @@ async def _serve(config: RelayConfig, *, hostname: str, stop: asyncio.Event) -> 
         METRICS.queue_size.set(scheduler.queued)
         METRICS.oldest.set(_oldest_age(spool))
 
-    metrics_host, metrics_port = split_hostport(config.metrics_listen, 9090)
-    http = await serve_http(metrics_host, metrics_port, ready=ready, refresh=refresh)
+    http = None
+    if alone:
+        metrics_host, metrics_port = split_hostport(config.metrics_listen, 9090)
+        http = await serve_http(metrics_host, metrics_port, ready=ready, refresh=refresh)
     delivery = asyncio.create_task(scheduler.run())
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -235,6 +260,7 @@ async def _serve(config: RelayConfig, *, hostname: str, stop: asyncio.Event) -> 
         recovered=recovered,
         hostname=hostname,
         log_target=config.logging.target,
+        worker=None if shard is None else shard.index,
         tls=tls is not None,
         auth=users is not None,
     )
@@ -247,11 +273,13 @@ async def _serve(config: RelayConfig, *, hostname: str, stop: asyncio.Event) -> 
         delivery.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await delivery
-        http.close()
+        if http is not None:
+            http.close()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
-        with contextlib.suppress(FileNotFoundError):
-            (config.spool_dir / PID_FILE).unlink()
+        if alone:
+            with contextlib.suppress(FileNotFoundError):
+                (config.spool_dir / PID_FILE).unlink()
         log.info(
             "stopped",
             queued=len(list(spool.ids())),

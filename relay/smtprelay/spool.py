@@ -76,6 +76,29 @@ def new_queue_id(now: float) -> str:
     return f"{int(now * 1000):011x}{secrets.token_hex(5)}"
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which messages of a shared spool one worker process schedules.
+
+    A queue id belongs to worker ``int(id[-4:], 16) % count``: computed, not recorded, so
+    a restart with another worker count simply shares the queue out anew, and exactly one
+    worker ever tries a given message.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def owns(self, queue_id: str) -> bool:
+        return self.count == 1 or int(queue_id[-4:], 16) % self.count == self.index
+
+    def new_id(self, now: float) -> str:
+        """A fresh id this worker owns, so what it accepts it also delivers."""
+        while True:
+            queue_id = new_queue_id(now)
+            if self.owns(queue_id):
+                return queue_id
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -178,8 +201,11 @@ def _decode_state(raw: bytes) -> QueueState:
 class Spool:
     """The queue directory, with durable enqueue and crash-safe state updates."""
 
-    def __init__(self, root: Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, root: Path, *, clock: Callable[[], float] = time.time, shard: Shard | None = None
+    ) -> None:
         self.root = root
+        self.shard = shard or Shard()
         self.queue_dir = root / _QUEUE
         self.state_dir = root / _STATE
         self._clock = clock
@@ -214,7 +240,7 @@ class Spool:
         """Store a message durably; when this returns, the message survives any crash."""
         now = self._clock()
         envelope = Envelope(
-            id=queue_id or new_queue_id(now),
+            id=queue_id or self.shard.new_id(now),
             sender=sender,
             recipients=recipients,
             received=now,
@@ -242,7 +268,7 @@ class Spool:
                 yield name[: -len(_SUFFIX)]
 
     def scan(self) -> list[QueueEntry]:
-        """Every queued message and when it is next due, in arrival order.
+        """Every queued message of this shard and when it is next due, in arrival order.
 
         The due time is the message file's mtime (as in Postfix's deferred queue): a start
         reads directory entries only, never file contents, however long the queue.
@@ -253,6 +279,8 @@ class Spool:
                 name = entry.name
                 if not name.endswith(_SUFFIX) or name.startswith("."):
                     continue
+                if not self.shard.owns(name[: -len(_SUFFIX)]):
+                    continue  # another worker's
                 try:
                     due = entry.stat().st_mtime
                 except FileNotFoundError:

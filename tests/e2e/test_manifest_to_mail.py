@@ -13,7 +13,7 @@ from typing import Any
 
 from tests import podsim
 from tests.e2e.conftest import GATEWAY_HOST, MailWorld
-from tests.operator.conftest import Cluster, Operator, relay_manifest, wait_for
+from tests.operator.support import Cluster, Operator, relay_manifest, wait_for
 from tests.relay.mail import send
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,0 +1,177 @@
+"""Worker processes, so one relay uses every core its pod may use.
+
+The supervisor binds the SMTP socket, forks ``workers`` processes that all accept on it, and
+keeps for itself the PID file, the metrics endpoint (the workers' counters summed through
+prometheus_client's multiprocess files, plus the queue gauges) and signal handling. The
+spool stays one directory: each worker schedules the messages whose id falls in its shard
+(spool.Shard) and gives the messages it accepts ids in that shard, so no message is ever
+tried by two workers and a restart with another count shares the queue out anew.
+
+A worker that dies takes the relay down (exit 1) rather than leaving a shard unserved: the
+kubelet restarts the pod, and the spool makes that lossless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from smtprelay import logs, metrics, service
+from smtprelay.config import RelayConfig, split_hostport
+from smtprelay.logs import system_log
+from smtprelay.spool import PID_FILE, Shard, Spool
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on, capped by a cgroup v2 CPU limit if there is one."""
+    count = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    return max(1, count)
+
+
+def worker_count(config: RelayConfig) -> int:
+    return config.workers or available_cpus()
+
+
+def serve(config: RelayConfig) -> int:
+    """Run the relay: in this process alone, or as a supervisor of worker processes."""
+    count = worker_count(config)
+    if count == 1:
+        asyncio.run(service.run(config))
+        return 0
+    return _supervise(config, count)
+
+
+def _listen(config: RelayConfig) -> socket.socket:
+    host, port = split_hostport(config.listen, 2525)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=1024)
+
+
+def _fork_worker(config: RelayConfig, listener: socket.socket, shard: Shard, stats: Path) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        metrics.enable_multiprocess(stats)
+        asyncio.run(service.run(config, listener=listener, shard=shard))
+        code = 0
+    except service.StartError:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _supervise(config: RelayConfig, count: int) -> int:
+    # Everything that must not be shared is done before forking, with no threads running.
+    listener = _listen(config)
+    spool = Spool(config.spool_dir)
+    spool.remove_orphans()
+    stats = Path(tempfile.mkdtemp(prefix="smtprelay-metrics-"))
+    children = {
+        _fork_worker(config, listener, Shard(index, count), stats): index for index in range(count)
+    }
+    try:
+        return asyncio.run(_parent(config, spool=spool, children=children, stats=stats))
+    finally:
+        listener.close()
+        shutil.rmtree(stats, ignore_errors=True)
+
+
+async def _parent(
+    config: RelayConfig, *, spool: Spool, children: dict[int, int], stats: Path
+) -> int:
+    loop = asyncio.get_running_loop()
+    hostname = config.hostname or socket.getfqdn()
+    logs.configure(config.logging, spool_dir=config.spool_dir, hostname=hostname)
+    log = system_log()
+    stop = asyncio.Event()
+    all_exited = asyncio.Event()
+    state = {"stopping": False, "failed": False}
+
+    def reap() -> None:
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            index = children.pop(pid, None)
+            if not state["stopping"]:
+                log.error(
+                    "worker_exited", worker=index, pid=pid, status=os.waitstatus_to_exitcode(status)
+                )
+                state["failed"] = True
+                stop.set()
+        if not children:
+            all_exited.set()
+
+    def forward(signum: int) -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    loop.add_signal_handler(signal.SIGCHLD, reap)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, forward, signal.SIGUSR1)
+    reap()  # a worker may have died before the handler was in place
+
+    local = CollectorRegistry()
+    queue_size = Gauge("smtprelay_queue_messages", "Messages in the spool.", registry=local)
+    oldest = Gauge(
+        "smtprelay_queue_oldest_message_age_seconds",
+        "Age of the oldest message in the spool.",
+        registry=local,
+    )
+
+    def refresh() -> None:
+        ids = list(spool.ids())
+        queue_size.set(len(ids))
+        oldest.set(max(0.0, time.time() - int(ids[0][:11], 16) / 1000) if ids else 0.0)
+
+    def ready() -> bool:
+        return not state["stopping"] and len(children) > 0 and spool.probe_writable()
+
+    metrics_host, metrics_port = split_hostport(config.metrics_listen, 9090)
+    http = await metrics.serve_http(
+        metrics_host,
+        metrics_port,
+        ready=ready,
+        refresh=refresh,
+        render=lambda: metrics.multiprocess_exposition(stats, local),
+    )
+    (config.spool_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+    log.info("supervising", workers=sorted(children.items(), key=lambda item: item[1]))
+    try:
+        await stop.wait()
+    finally:
+        state["stopping"] = True
+        forward(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(all_exited.wait(), service.TERMINATION_GRACE - 2)
+        except TimeoutError:
+            forward(signal.SIGKILL)
+            await all_exited.wait()
+        http.close()
+        with contextlib.suppress(FileNotFoundError):
+            (config.spool_dir / PID_FILE).unlink()
+        log.info("stopped", failed=state["failed"])
+        logs.close()
+    return 1 if state["failed"] else 0

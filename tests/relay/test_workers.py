@@ -1,0 +1,106 @@
+"""Worker processes: one relay on every core, the spool shared out by queue id."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from smtprelay.spool import Shard
+
+from tests.peers import Relay, Sink, Zone, wait_for
+from tests.relay.mail import send
+
+Start = Callable[..., Any]
+
+
+def _zone() -> Zone:
+    return Zone(mx=[("later.test", "mx.later.test", 10)], a=[("mx.later.test", "127.0.0.4")])
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+def _sample(relay: Relay, name: str) -> float:
+    for family in text_string_to_metric_families(relay.metrics()):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    raise AssertionError(f"{name} not exported")
+
+
+class TestShard:
+    def test_every_id_has_exactly_one_owner(self) -> None:
+        """For any worker count, each queue id belongs to one worker, and a worker's new ids
+        are its own."""
+        for count in (1, 2, 3, 5):
+            shards = [Shard(index, count) for index in range(count)]
+            for shard in shards:
+                for _ in range(50):
+                    queue_id = shard.new_id(1.0)
+                    assert [s.index for s in shards if s.owns(queue_id)] == [shard.index]
+
+
+class TestWorkers:
+    def test_workers_share_the_listener_and_metrics_add_up(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """With workers: 2 there are two worker processes; mail flows; the supervisor's
+        /metrics sums their counters."""
+        dns = start_dns(_zone())
+        mx: Sink = start_sink("127.0.0.4", smtp_port)
+        relay: Relay = start_relay(
+            {"dnsServers": [dns.server], "delivery": {"port": smtp_port}, "workers": 2}
+        )
+        assert relay.process is not None
+        assert len(_children(relay.process.pid)) == 2
+        for i in range(10):
+            send(relay.port, "alice@sender.test", [f"u{i}@later.test"])
+        mx.wait_for_messages(10)
+        wait_for(lambda: _sample(relay, "smtprelay_messages_accepted_total") == 10, what="10")
+        assert _sample(relay, "smtprelay_connections_total") == 10
+        workers = {e["worker"] for e in relay.events("started")}
+        assert workers == {0, 1}
+
+    def test_a_restart_with_another_worker_count_delivers_everything_once(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """Mail queued by two workers is delivered, each message once, by three."""
+        dns = start_dns(_zone())
+        relay: Relay = start_relay(
+            {
+                "dnsServers": [dns.server],
+                "delivery": {"port": smtp_port, "queueTimer": "1s"},
+                "workers": 2,
+            }
+        )
+        for i in range(12):
+            send(relay.port, "alice@sender.test", [f"u{i}@later.test"])
+        wait_for(lambda: len(relay.events("delivery")) >= 12, what="12 deferred attempts")
+        assert relay.stop() == 0
+        assert len(relay.queued()) == 12
+        relay.config["workers"] = 3
+        relay.config_path.write_text(yaml.safe_dump(relay.config))
+        mx: Sink = start_sink("127.0.0.4", smtp_port)
+        relay.start()
+        mx.wait_for_messages(12, timeout=30)
+        wait_for(lambda: relay.queued() == [], what="the spool to empty")
+        recipients = sorted(r for m in mx.messages for r in m.recipients)
+        assert recipients == sorted(f"u{i}@later.test" for i in range(12))
+
+    def test_a_dead_worker_takes_the_relay_down_for_a_restart(self, start_relay: Start) -> None:
+        """A worker killed from outside makes the supervisor stop the rest and exit 1, so the
+        kubelet restarts the pod rather than leaving a shard of the queue unserved."""
+        relay: Relay = start_relay({"workers": 2})
+        assert relay.process is not None
+        victim = _children(relay.process.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        assert relay.process.wait(30) == 1
+        [event] = relay.events("worker_exited")
+        assert event["pid"] == victim
