@@ -19,6 +19,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,46 @@ async def _drain(server: asyncio.Server, sessions: _Sessions, scheduler: Schedul
     return cut
 
 
+def _session_factory(
+    config: RelayConfig,
+    *,
+    hostname: str,
+    spool: Spool,
+    sessions: _Sessions,
+    tls: ReloadingContext | None,
+    users: Users | None,
+) -> Callable[[], _TrackedSMTP]:
+    """One aiosmtpd protocol per connection, sharing the relay's policy and state."""
+    handler = RelayHandler(settings=config, hostname=hostname, spool=spool)
+    limiter = FailureLimiter()
+
+    def factory() -> _TrackedSMTP:
+        return _TrackedSMTP(
+            handler,
+            sessions=sessions,
+            users=users,
+            limiter=limiter,
+            data_size_limit=config.max_message_size,
+            hostname=hostname,
+            ident="smtprelay",
+            tls_context=tls.current() if tls is not None else None,
+            auth_require_tls=True,
+            timeout=300,
+        )
+
+    return factory
+
+
+async def _listen(
+    config: RelayConfig, listener: socket.socket | None, factory: Callable[[], _TrackedSMTP]
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    if listener is not None:  # a worker: the supervisor's socket
+        return await loop.create_server(factory, sock=listener)
+    host, port = split_hostport(config.listen, 2525)
+    return await loop.create_server(factory, host or None, port, reuse_address=True)
+
+
 async def _serve(
     config: RelayConfig,
     *,
@@ -211,29 +252,14 @@ async def _serve(
     recovered = scheduler.load()
     spool.subscribe(scheduler.notify)
 
-    handler = RelayHandler(settings=config, hostname=hostname, spool=spool)
     sessions = _Sessions()
-    limiter = FailureLimiter()
-
-    def factory() -> _TrackedSMTP:
-        return _TrackedSMTP(
-            handler,
-            sessions=sessions,
-            users=users,
-            limiter=limiter,
-            data_size_limit=config.max_message_size,
-            hostname=hostname,
-            ident="smtprelay",
-            tls_context=tls.current() if tls is not None else None,
-            auth_require_tls=True,
-            timeout=300,
-        )
-
-    if listener is not None:
-        server = await loop.create_server(factory, sock=listener)
-    else:
-        host, port = split_hostport(config.listen, 2525)
-        server = await loop.create_server(factory, host or None, port, reuse_address=True)
+    server = await _listen(
+        config,
+        listener,
+        _session_factory(
+            config, hostname=hostname, spool=spool, sessions=sessions, tls=tls, users=users
+        ),
+    )
 
     def ready() -> bool:
         return server.is_serving() and spool.probe_writable()

@@ -93,6 +93,71 @@ def _supervise(config: RelayConfig, count: int) -> int:
         shutil.rmtree(stats, ignore_errors=True)
 
 
+class _QueueGauges:
+    """Queue size and oldest message age, read from the spool at scrape time."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+        self.registry = CollectorRegistry()
+        self._size = Gauge(
+            "smtprelay_queue_messages", "Messages in the spool.", registry=self.registry
+        )
+        self._oldest = Gauge(
+            "smtprelay_queue_oldest_message_age_seconds",
+            "Age of the oldest message in the spool.",
+            registry=self.registry,
+        )
+
+    def refresh(self) -> None:
+        ids = list(self._spool.ids())
+        self._size.set(len(ids))
+        self._oldest.set(max(0.0, time.time() - int(ids[0][:11], 16) / 1000) if ids else 0.0)
+
+
+class _Children:
+    """The worker processes, reaped on SIGCHLD; one dying unasked stops the relay."""
+
+    def __init__(self, pids: dict[int, int], stop: asyncio.Event) -> None:
+        self.pids = pids
+        self.stopping = False
+        self.failed = False
+        self.all_exited = asyncio.Event()
+        self._stop = stop
+
+    def reap(self) -> None:
+        while self.pids:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            index = self.pids.pop(pid, None)
+            if not self.stopping:
+                system_log().error(
+                    "worker_exited", worker=index, pid=pid, status=os.waitstatus_to_exitcode(status)
+                )
+                self.failed = True
+                self._stop.set()
+        if not self.pids:
+            self.all_exited.set()
+
+    def forward(self, signum: int) -> None:
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    async def stop(self) -> None:
+        """SIGTERM to every worker (each drains as a lone relay would), SIGKILL after grace."""
+        self.stopping = True
+        self.forward(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.all_exited.wait(), service.TERMINATION_GRACE - 2)
+        except TimeoutError:
+            self.forward(signal.SIGKILL)
+            await self.all_exited.wait()
+
+
 async def _parent(
     config: RelayConfig, *, spool: Spool, children: dict[int, int], stats: Path
 ) -> int:
@@ -101,77 +166,35 @@ async def _parent(
     logs.configure(config.logging, spool_dir=config.spool_dir, hostname=hostname)
     log = system_log()
     stop = asyncio.Event()
-    all_exited = asyncio.Event()
-    state = {"stopping": False, "failed": False}
-
-    def reap() -> None:
-        while children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            index = children.pop(pid, None)
-            if not state["stopping"]:
-                log.error(
-                    "worker_exited", worker=index, pid=pid, status=os.waitstatus_to_exitcode(status)
-                )
-                state["failed"] = True
-                stop.set()
-        if not children:
-            all_exited.set()
-
-    def forward(signum: int) -> None:
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    loop.add_signal_handler(signal.SIGCHLD, reap)
+    workers = _Children(children, stop)
+    loop.add_signal_handler(signal.SIGCHLD, workers.reap)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, forward, signal.SIGUSR1)
-    reap()  # a worker may have died before the handler was in place
+    loop.add_signal_handler(signal.SIGUSR1, workers.forward, signal.SIGUSR1)
+    workers.reap()  # a worker may have died before the handler was in place
 
-    local = CollectorRegistry()
-    queue_size = Gauge("smtprelay_queue_messages", "Messages in the spool.", registry=local)
-    oldest = Gauge(
-        "smtprelay_queue_oldest_message_age_seconds",
-        "Age of the oldest message in the spool.",
-        registry=local,
-    )
-
-    def refresh() -> None:
-        ids = list(spool.ids())
-        queue_size.set(len(ids))
-        oldest.set(max(0.0, time.time() - int(ids[0][:11], 16) / 1000) if ids else 0.0)
+    gauges = _QueueGauges(spool)
 
     def ready() -> bool:
-        return not state["stopping"] and len(children) > 0 and spool.probe_writable()
+        return not workers.stopping and bool(workers.pids) and spool.probe_writable()
 
     metrics_host, metrics_port = split_hostport(config.metrics_listen, 9090)
     http = await metrics.serve_http(
         metrics_host,
         metrics_port,
         ready=ready,
-        refresh=refresh,
-        render=lambda: metrics.multiprocess_exposition(stats, local),
+        refresh=gauges.refresh,
+        render=lambda: metrics.multiprocess_exposition(stats, gauges.registry),
     )
     (config.spool_dir / PID_FILE).write_text(f"{os.getpid()}\n")
     log.info("supervising", workers=sorted(children.items(), key=lambda item: item[1]))
     try:
         await stop.wait()
     finally:
-        state["stopping"] = True
-        forward(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(all_exited.wait(), service.TERMINATION_GRACE - 2)
-        except TimeoutError:
-            forward(signal.SIGKILL)
-            await all_exited.wait()
+        await workers.stop()
         http.close()
         with contextlib.suppress(FileNotFoundError):
             (config.spool_dir / PID_FILE).unlink()
-        log.info("stopped", failed=state["failed"])
+        log.info("stopped", failed=workers.failed)
         logs.close()
-    return 1 if state["failed"] else 0
+    return 1 if workers.failed else 0

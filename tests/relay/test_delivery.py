@@ -92,6 +92,7 @@ class TestDirect:
         mx: Sink = start_sink("127.0.0.4", smtp_port)
         [got] = mx.wait_for_messages()
         assert got.recipients == ("dave@later.test",)
+        wait_for(lambda: relay.events("delivery")[-1]["outcome"] == "delivered", what="the log")
         outcomes = [(e["attempt"], e["outcome"]) for e in relay.events("delivery")]
         assert outcomes[-1][1] == "delivered"
         assert outcomes[-1][0] >= 2
@@ -109,6 +110,7 @@ class TestDirect:
         relay = _relay(start_relay, dns, smtp_port, delivery={"queueTimer": "1s"})
         send(relay.port, "alice@sender.test", ["bob@example.test"])
         mx.wait_for_messages()
+        wait_for(lambda: len(relay.events("delivery")) >= 2, what="two logged attempts")
         attempts = [(e["attempt"], e["outcome"]) for e in relay.events("delivery")]
         assert attempts[:2] == [(1, "deferred"), (2, "delivered")]
 
@@ -130,6 +132,7 @@ class TestGateway:
         send(relay.port, "alice@sender.test", ["dave@later.test"])
         [got] = gateway.wait_for_messages()
         assert got.recipients == ("dave@later.test",)
+        wait_for(lambda: len(relay.events("delivery")) >= 3, what="three logged attempts")
         routes = [(e["attempt"], e["route"], e["outcome"]) for e in relay.events("delivery")]
         assert routes == [
             (1, "direct", "deferred"),
@@ -153,6 +156,7 @@ class TestGateway:
         send(relay.port, "alice@sender.test", ["bob@example.test"])
         [got] = gateway.wait_for_messages()
         assert got.recipients == ("bob@example.test",)
+        wait_for(lambda: relay.events("delivery"), what="the logged attempt")
         assert [e["route"] for e in relay.events("delivery")] == ["gateway"]
         assert mx.messages == []
 
