@@ -56,6 +56,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     selector = ",".join(f"{key}={value}" for key, value in sorted(_CHILD_FILTER.items()))
     for resource in _CHILD_RESOURCES:
         settings.watching.label_selectors[resource] = selector
+    # Given namespaces, kopf needs no cluster-wide scans of CRDs and namespaces, which a
+    # namespaced install (Roles only) may not do: without this it retries them for a minute.
+    if getattr(memo, "namespaced", False):
+        settings.scanning.disabled = True
     if getattr(memo, "kube", None) is None:
         memo.kube = Kube(load_api_client())
 

@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     kopf.configure(verbose=args.verbose, debug=args.debug)
     memo = kopf.Memo(
-        defaults=render.OperatorDefaults(relay_image=args.relay_image or default_image())
+        defaults=render.OperatorDefaults(relay_image=args.relay_image or default_image()),
+        namespaced=bool(args.namespace),
     )
     kopf.run(
         standalone=True,

@@ -227,12 +227,6 @@ class TestNamespacedScope:
             # observers (and says so); nothing else may be refused.
             assert set(here.operator.denials(here.account_id)) <= NAMESPACED_FALLBACKS
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the operator leaves kopf's cluster scanning on with --namespace, so kopf "
-        "retries the forbidden namespace and CRD listings for ~55 s before it serves; "
-        "needs settings.scanning.disabled = True when namespaces are given",
-    )
     def test_namespaced_install_serves_at_once(
         self,
         control_plane: ControlPlane,
