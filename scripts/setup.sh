@@ -38,7 +38,7 @@ if [ ! -x "$VENV/bin/smtprelay" ] || [ ! -f "$VENV/.complete" ]; then
   touch "$VENV/.complete"
 else
   # The venv is shared between clones: point the editable install at this one.
-  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >&2 2>/dev/null \
+  "$VENV/bin/pip" install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
     || "$VENV/bin/pip" install -q --no-deps -e . >&2
 fi
 
@@ -46,6 +46,6 @@ if [ "${SMTPRELAY_SKIP_CLUSTER_BUILD:-}" != 1 ]; then
   if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
     export PATH=/usr/local/go/bin:$PATH
   fi
-  "$VENV/bin/python" -m tests.cluster build >&2
+  "$VENV/bin/python" -m tests.cluster build >/dev/null  # progress and errors go to stderr
 fi
 echo "$VENV/bin"
