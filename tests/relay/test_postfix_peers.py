@@ -1,0 +1,91 @@
+"""Postfix's own test tools as the relay's peers: smtp-source in front, smtp-sink behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.peers import Relay, free_port, wait_for
+
+Start = Callable[..., Any]
+MESSAGES = 100  # bounded load: smtp-source stops by itself after this many
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name) or f"/usr/sbin/{name}"
+    assert os.path.exists(found), f"{name} is installed by scripts/setup.sh (apt-get postfix)"
+    return found
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[tuple[str, Path]]:
+    """Postfix's smtp-sink on 127.0.0.2, dumping every transaction to its own file."""
+    # As root smtp-sink must drop to a user (-u nobody), who needs a directory it can reach:
+    # not under pytest's private tmp_path.
+    dumps = Path(tempfile.mkdtemp(prefix="smtprelay-sink-"))
+    dumps.chmod(0o777)
+    port = free_port("127.0.0.2")
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    process = subprocess.Popen(
+        [_binary("smtp-sink"), *user, "-d", f"{dumps}/msg.", f"127.0.0.2:{port}", "64"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield f"127.0.0.2:{port}", dumps
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(dumps, ignore_errors=True)
+
+
+class TestPostfixPeers:
+    def test_smtp_source_burst_reaches_smtp_sink_through_the_relay(
+        self, start_relay: Start, smtp_sink: tuple[str, Path]
+    ) -> None:
+        """100 messages from smtp-source over 5 sessions all arrive at smtp-sink, each
+        once and each stamped by the relay."""
+        address, dumps = smtp_sink
+        relay: Relay = start_relay({"gateway": {"host": address, "sendAll": True}, "workers": 2})
+        result = subprocess.run(
+            [
+                _binary("smtp-source"),
+                "-s",
+                "5",
+                "-m",
+                str(MESSAGES),
+                "-l",
+                "1024",
+                "-f",
+                "load@source.test",
+                "-t",
+                "sink@dest.test",
+                f"127.0.0.1:{relay.port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+
+        def dumped() -> list[Path]:
+            files = [p for p in dumps.iterdir() if p.name.startswith("msg.")]
+            return files if len(files) >= MESSAGES else []
+
+        files = wait_for(dumped, timeout=60, what=f"{MESSAGES} messages at smtp-sink")
+        assert len(files) == MESSAGES
+        queue_ids = set()
+        for path in files:
+            text = path.read_bytes().decode(errors="replace")
+            assert "by relay.test (smtprelay)" in text
+            queue_ids.add(text.split(" id ", 1)[1].split()[0].rstrip(";"))
+        assert len(queue_ids) == MESSAGES
+        wait_for(lambda: relay.queued() == [], what="the spool to empty")
