@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,11 +19,10 @@ from typing import Any
 from tests.chart import chart
 from tests.cluster import controlplane
 from tests.cluster.controlplane import ControlPlane
+from tests.operator.support import spawn_operator, stop_process
 
 FIELD_MANAGER = "helm"
 CRD_NAME = "smtprelays.smtprelay.dev"
-_START_TIMEOUT = 60.0
-_STOP_TIMEOUT = 15.0
 _LOG_TAIL = 80
 # RBAC's own wording for a denied request, as the API server returns it.
 _DENIED = re.compile(
@@ -154,39 +150,13 @@ class Operator:
         return env
 
     def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.argv(),
-                env=self.environment(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        process = self.process
-
-        def live() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"operator exited with {process.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.port}/healthz", timeout=1
-                ) as response:
-                    return bool(response.status == 200)
-            except (urllib.error.URLError, OSError):
-                return False
-
-        wait_for(live, timeout=_START_TIMEOUT, what="the operator's liveness endpoint")
+        self.process = spawn_operator(
+            self.argv(), env=self.environment(), log_path=self.log_path, port=self.port
+        )
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

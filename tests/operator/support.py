@@ -103,6 +103,41 @@ def wait_for(condition: Any, *, timeout: float, what: str) -> None:
     controlplane.wait_for(condition, timeout=timeout, what=what, interval=0.25)
 
 
+def spawn_operator(
+    argv: list[str], *, env: dict[str, str], log_path: Path, port: int
+) -> subprocess.Popen[bytes]:
+    """Start `smtprelay-operator` and wait for its liveness endpoint on ``port``."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+
+    def live() -> bool:
+        if process.poll() is not None:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-_LOG_TAIL:])
+            raise RuntimeError(f"operator exited with {process.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    wait_for(live, timeout=_START_TIMEOUT, what="the operator's liveness endpoint")
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, as the kubelet does; SIGKILL if it does not exit in time."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=_STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class Operator:
     """`smtprelay-operator` as a subprocess; start, stop (SIGTERM) and read its log."""
 
@@ -131,45 +166,22 @@ class Operator:
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["SMTPRELAY_RELAY_IMAGE"] = TEST_IMAGE
         executable = Path(sys.executable).parent / "smtprelay-operator"
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [
-                    str(executable),
-                    "--namespace",
-                    self.namespace,
-                    f"--liveness=http://127.0.0.1:{port}/healthz",
-                    "--verbose",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        process = self.process
-
-        def live() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(f"operator exited with {process.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/healthz", timeout=1
-                ) as response:
-                    return bool(response.status == 200)
-            except (urllib.error.URLError, OSError):
-                return False
-
-        wait_for(live, timeout=_START_TIMEOUT, what="the operator's liveness endpoint")
+        self.process = spawn_operator(
+            [
+                str(executable),
+                "--namespace",
+                self.namespace,
+                f"--liveness=http://127.0.0.1:{port}/healthz",
+                "--verbose",
+            ],
+            env=env,
+            log_path=self.log_path,
+            port=port,
+        )
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
