@@ -16,7 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.procs import free_port, port_open, wait_for
+from bench.procs import port_open
+from tests.peers import free_port, wait_for
 
 _MASTER_CF = Path("/etc/postfix/master.cf")
 _QUEUES = ("incoming", "active", "deferred", "maildrop", "hold")

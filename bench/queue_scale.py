@@ -36,10 +36,11 @@ from unittest import mock
 from smtprelay.spool import QueueState, Spool
 
 from bench.postfix import Postfix
-from bench.procs import TreeSampler, cpu_seconds, free_port, wait_for
+from bench.procs import TreeSampler, cpu_seconds
 from bench.relay import Relay
 from bench.report import filesystem, machine, median, revision, spread, table
 from bench.throughput import scratch
+from tests.peers import free_port, wait_for
 
 CLOSED_HOST = "127.0.0.2"
 BODY = b"Subject: queue scale\r\n\r\n" + (b"x" * 76 + b"\r\n") * 26  # about 2 KiB

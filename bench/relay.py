@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from bench.procs import free_port, wait_for
+from tests.peers import free_port, wait_for
 
 
 class Relay:

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.postfix import Postfix
-from bench.procs import TreeSampler, cpu_seconds, free_port, port_open, wait_for
+from bench.procs import TreeSampler, cpu_seconds, port_open
 from bench.relay import Relay
 from bench.report import filesystem, machine, median, revision, spread, table
+from tests.peers import free_port, wait_for
 
 SINK_HOST = "127.0.0.2"
 
