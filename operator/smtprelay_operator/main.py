@@ -19,6 +19,13 @@ from smtprelay_operator import render
 IMAGE_ENV = "SMTPRELAY_RELAY_IMAGE"
 IMAGE_REPOSITORY = "ghcr.io/smtprelay/smtprelay"
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
+# kopf's own log formats, by the names its CLI uses; "full" is kopf's default.
+LOG_FORMATS = {
+    "plain": kopf.LogFormat.PLAIN,
+    "full": kopf.LogFormat.FULL,
+    "json": kopf.LogFormat.JSON,
+}
+DEFAULT_LOG_FORMAT = "full"
 
 
 def default_image() -> str:
@@ -48,6 +55,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_LIVENESS,
         help=f"kopf's liveness endpoint (default: {DEFAULT_LIVENESS})",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=sorted(LOG_FORMATS),
+        default=DEFAULT_LOG_FORMAT,
+        help="plain (the message only), full (time, logger, level, message) or json "
+        f"(one JSON object a line, for log collectors); default: {DEFAULT_LOG_FORMAT}",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's progress")
     parser.add_argument("--debug", action="store_true", help="log everything kopf does")
     return parser.parse_args(argv)
@@ -55,7 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    kopf.configure(verbose=args.verbose, debug=args.debug)
+    kopf.configure(verbose=args.verbose, debug=args.debug, log_format=LOG_FORMATS[args.log_format])
     memo = kopf.Memo(
         defaults=render.OperatorDefaults(relay_image=args.relay_image or default_image()),
         namespaced=bool(args.namespace),

@@ -7,6 +7,7 @@ and must take an SmtpRelay all the way to Ready and put back children deleted un
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import uuid
 from collections.abc import Iterator
@@ -280,3 +281,35 @@ class TestHelmInstall:
                 cfg.uninstall(release, ignore_not_found=True, wait="watcher", timeout=120)
         gone = control_plane.kubectl("get", "clusterrole", "-o", "name")
         assert f"clusterrole.rbac.authorization.k8s.io/{release}-smtprelay-operator" not in gone
+
+
+class TestLogWatch:
+    def test_refusals_are_seen_in_the_charts_log_format(
+        self,
+        control_plane: ControlPlane,
+        kube_namespace: str,
+        service_account_kubeconfig: ServiceAccountKubeconfig,
+        tmp_path: Path,
+    ) -> None:
+        """The log checks above are not blind: with the chart's JSON log lines and no RBAC at
+        all, the operator's refused requests are read from its log."""
+        with installed(
+            control_plane,
+            service_account_kubeconfig,
+            tmp_path,
+            namespace=kube_namespace,
+            values={"logLevel": "verbose", "rbac": {"create": False}},
+        ) as here:
+            assert "--log-format=json" in here.operator.argv()
+
+            watched = {"list smtprelays", "list configmaps", "list deployments"}
+
+            def refused() -> bool:
+                return watched <= set(here.operator.denials(here.account_id))
+
+            live.wait_for(refused, timeout=CONVERGE, what=f"refusals of {sorted(watched)}")
+            lines = here.operator.log().splitlines()
+            assert lines
+            for line in lines:
+                record = json.loads(line)
+                assert {"message", "severity", "timestamp"} <= record.keys(), line

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from smtprelay_operator import main
+
 from tests.chart import chart
 
 RELEASE_LABELS = {
@@ -58,10 +61,13 @@ class TestDefaults:
         }
 
     def test_container_runs_the_operator_cluster_wide(self) -> None:
-        """`smtprelay-operator` with kopf's liveness endpoint and no --namespace."""
+        """`smtprelay-operator` with kopf's liveness endpoint, JSON logs and no --namespace."""
         container = chart.container(chart.render())
         assert container["command"] == ["smtprelay-operator"]
-        assert container["args"] == ["--liveness=http://0.0.0.0:8080/healthz"]
+        assert container["args"] == [
+            "--liveness=http://0.0.0.0:8080/healthz",
+            "--log-format=json",
+        ]
         assert container["image"] == "ghcr.io/smtprelay/smtprelay:0.1.0"
         assert container["resources"]["requests"]
         assert container["resources"]["limits"]
@@ -184,13 +190,15 @@ class TestCustomised:
             assert obj["metadata"]["labels"]["team"] == "platform"
 
     def test_operator_args_and_env(self) -> None:
-        """--namespace per watched namespace, the custom liveness port, --debug, relay digest."""
+        """--namespace per watched namespace, the custom liveness port and log format, --debug,
+        relay digest."""
         objects = chart.render(chart.custom_values())
         container = chart.container(objects)
         assert container["args"] == [
             "--namespace=mail",
             "--namespace=mail-staging",
             "--liveness=http://0.0.0.0:8081/healthz",
+            "--log-format=full",
             "--debug",
         ]
         assert container["ports"][0]["containerPort"] == 8081
@@ -216,6 +224,13 @@ class TestCustomised:
     def test_verbose_log_level(self) -> None:
         """logLevel=verbose starts the operator with --verbose."""
         assert chart.container(chart.render({"logLevel": "verbose"}))["args"][-1] == "--verbose"
+
+    @pytest.mark.parametrize("log_format", ["plain", "full", "json"])
+    def test_log_format(self, log_format: str) -> None:
+        """logFormat is passed to the operator as --log-format, and the operator takes it."""
+        args = chart.container(chart.render({"logFormat": log_format}))["args"]
+        assert f"--log-format={log_format}" in args
+        assert main.parse_args(args).log_format == log_format
 
     def test_without_rbac_and_account(self) -> None:
         """rbac.create=false and an existing account: only the Deployment, using that account."""

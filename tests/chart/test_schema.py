@@ -83,6 +83,8 @@ class TestSchema:
         [
             ({"logLevel": 3}, "/logLevel"),
             ({"logLevel": "trace"}, "/logLevel"),
+            ({"logFormat": "text"}, "/logFormat"),
+            ({"logFormat": True}, "/logFormat"),
             ({"watchNamespaces": "mail"}, "/watchNamespaces"),
             ({"watchNamespaces": ["Not_A_Namespace"]}, "/watchNamespaces/0"),
             ({"rbac": {"scope": "everywhere"}}, "/rbac/scope"),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import version
+from typing import Any
 
+import kopf
 import pytest
 from smtprelay_operator import main
 
@@ -33,3 +36,54 @@ class TestArguments:
         args = main.parse_args(["--namespace", "a", "-n", "b", "--relay-image", "img"])
         assert args.namespace == ["a", "b"]
         assert args.relay_image == "img"
+
+    def test_log_format_defaults_to_kopfs_own(self) -> None:
+        """Without --log-format, kopf's default: full (time, logger, level, message)."""
+        assert main.parse_args([]).log_format == "full"
+
+    @pytest.mark.parametrize("name", ["plain", "full", "json"])
+    def test_log_formats(self, name: str) -> None:
+        """Each of kopf's formats is accepted by name."""
+        assert main.parse_args([f"--log-format={name}"]).log_format == name
+
+    def test_unknown_log_format_is_refused(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Anything else is a usage error naming the option and the choices."""
+        with pytest.raises(SystemExit) as caught:
+            main.parse_args(["--log-format", "yaml"])
+        assert caught.value.code == 2
+        error = capsys.readouterr().err
+        assert "--log-format" in error
+        assert "'full', 'json', 'plain'" in error
+
+
+class TestMain:
+    @pytest.fixture
+    def calls(self, monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, Any]]:
+        """What main() passes to kopf.configure and kopf.run (neither runs)."""
+        recorded: dict[str, dict[str, Any]] = {}
+
+        def record(name: str) -> Callable[..., None]:
+            def call(**kwargs: Any) -> None:
+                recorded[name] = kwargs
+
+            return call
+
+        monkeypatch.setattr(kopf, "configure", record("configure"))
+        monkeypatch.setattr(kopf, "run", record("run"))
+        return recorded
+
+    @pytest.mark.parametrize(
+        ("argv", "log_format"),
+        [
+            ([], kopf.LogFormat.FULL),
+            (["--log-format=plain"], kopf.LogFormat.PLAIN),
+            (["--log-format", "json"], kopf.LogFormat.JSON),
+        ],
+    )
+    def test_log_format_reaches_kopf(
+        self, calls: dict[str, dict[str, Any]], argv: list[str], log_format: kopf.LogFormat
+    ) -> None:
+        """--log-format becomes kopf's LogFormat; the log level flags pass through with it."""
+        main.main([*argv, "--verbose"])
+        assert calls["configure"] == {"verbose": True, "debug": False, "log_format": log_format}
+        assert calls["run"]["standalone"] is True
