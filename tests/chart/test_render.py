@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from smtprelay_operator import main
+from smtprelay_operator import main, render
 
 from tests.chart import chart
 
@@ -59,6 +59,14 @@ class TestDefaults:
             "privileged": False,
             "capabilities": {"drop": ["ALL"]},
         }
+
+    def test_runs_as_the_images_user(self) -> None:
+        """UID/GID 10001: the Dockerfile's USER, and the UID the operator gives relay pods."""
+        pod = _pod_spec(chart.render())["securityContext"]
+        dockerfile = (chart.ROOT / "Dockerfile").read_text()
+        users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+        assert users == [f"{render.RUN_AS}:{render.RUN_AS}"]
+        assert pod["runAsUser"] == pod["runAsGroup"] == render.RUN_AS == 10001
 
     def test_container_runs_the_operator_cluster_wide(self) -> None:
         """`smtprelay-operator` with kopf's liveness endpoint, JSON logs and no --namespace."""
