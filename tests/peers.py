@@ -249,6 +249,10 @@ class Relay:
             "hostname": "relay.test",
             "logging": {"target": "stdout"},
             "workers": 1,  # one process, unless a test asks for more
+            # No DNS unless a test brings dnsmasq: a closed port makes every lookup a
+            # temporary failure, so accepted mail stays queued instead of depending on
+            # whatever the machine's resolver says about .test names.
+            "dnsServers": ["127.0.0.1:9"],
             **config,
         }
         self.config_path = workdir / "relay.yaml"
@@ -300,7 +304,9 @@ class Relay:
 
     def queued(self) -> list[str]:
         queue = self.spool / "queue"
-        return sorted(p.name for p in queue.glob("*.eml")) if queue.exists() else []
+        if not queue.exists():
+            return []
+        return sorted(p.name for p in queue.glob("*.eml") if not p.name.startswith("."))
 
     def kill(self) -> None:
         """SIGKILL: no chance to clean up, as in a node failure."""

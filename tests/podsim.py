@@ -73,7 +73,8 @@ class RelayPod:
         return int(self.process.returncode)
 
     def queued(self) -> list[str]:
-        return sorted(p.name for p in (self.spool_dir / "queue").glob("*.eml"))
+        queue = self.spool_dir / "queue"
+        return sorted(p.name for p in queue.glob("*.eml") if not p.name.startswith("."))
 
 
 def _local_mounts(
