@@ -36,8 +36,9 @@ class TestLint:
             {"rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a"]},
             {"watchNamespaces": ["team-a", "team-b"]},
             {"serviceAccount": {"create": False, "name": "existing"}, "rbac": {"create": False}},
+            {"dashboards": {"enabled": True}},
         ],
-        ids=["namespaced", "cluster-limited", "bring-your-own-account"],
+        ids=["namespaced", "cluster-limited", "bring-your-own-account", "dashboard"],
     )
     def test_other_modes_pass_strict_lint(self, values: dict[str, Any]) -> None:
         """Each supported install mode lints clean."""

@@ -257,9 +257,13 @@ class TestHelmInstall:
     def test_helm_install_and_uninstall(
         self, control_plane: ControlPlane, kube_namespace: str
     ) -> None:
-        """Helm's own install (CRD from crds/, then templates) deploys; uninstall cleans up."""
+        """Helm's own install (CRD from crds/, then templates, the dashboard too) deploys;
+        uninstall cleans up."""
         release = f"h-{kube_namespace}"
-        values = {"relays": [{"name": RELAY, "spec": {"defaultMailHost": "mail.example.com"}}]}
+        values = {
+            "relays": [{"name": RELAY, "spec": {"defaultMailHost": "mail.example.com"}}],
+            "dashboards": {"enabled": True},
+        }
         with helm.Config(kubeconfig_path=control_plane.kubeconfig, namespace=kube_namespace) as cfg:
             try:
                 result = cfg.install(
@@ -276,6 +280,11 @@ class TestHelmInstall:
                 fullname = f"{release}-smtprelay-operator"
                 assert live.get(control_plane, "deployment", fullname, kube_namespace) is not None
                 assert live.get(control_plane, "smtprelay", RELAY, kube_namespace) is not None
+                dashboard = live.get(
+                    control_plane, "configmap", f"{fullname}-dashboard", kube_namespace
+                )
+                assert dashboard is not None
+                assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
                 assert control_plane.kubectl("get", "clusterrole", fullname, "-o", "name").strip()
             finally:
                 cfg.uninstall(release, ignore_not_found=True, wait="watcher", timeout=120)

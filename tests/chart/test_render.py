@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -111,6 +112,34 @@ class TestDefaults:
         assert "kubectl wait -n default --for=condition=Ready smtprelay/mail" in notes
 
 
+class TestDashboard:
+    def test_enabled_ships_the_dashboard_for_grafanas_sidecar(self) -> None:
+        """dashboards.enabled: a ConfigMap with the sidecar's label holding the dashboard file."""
+        objects = chart.render({"dashboards": {"enabled": True}})
+        dashboard = chart.only(objects, "ConfigMap", "smtprelay-operator-dashboard")
+        assert dashboard["metadata"]["namespace"] == chart.NAMESPACE
+        assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert RELEASE_LABELS.items() <= dashboard["metadata"]["labels"].items()
+        assert "annotations" not in dashboard["metadata"]
+        assert list(dashboard["data"]) == ["smtprelay.json"]
+        shipped = (chart.CHART_DIR / "dashboards" / "smtprelay.json").read_text()
+        assert dashboard["data"]["smtprelay.json"] == shipped.rstrip("\n")
+        assert json.loads(dashboard["data"]["smtprelay.json"]) == json.loads(shipped)
+
+    def test_sidecar_label_can_be_replaced(self) -> None:
+        """A sidecar configured with another label gets that label; Helm merges value maps,
+        so the default one goes only when set to null."""
+        labels = {"dashboards": "grafana", "grafana_dashboard": None}
+        values = {"dashboards": {"enabled": True, "labels": labels}}
+        labels = chart.only(chart.render(values), "ConfigMap")["metadata"]["labels"]
+        assert labels["dashboards"] == "grafana"
+        assert "grafana_dashboard" not in labels
+
+    def test_disabled_by_default(self) -> None:
+        """No ConfigMap unless asked for: not every cluster runs Grafana's sidecar."""
+        assert not [obj for obj in chart.render() if obj["kind"] == "ConfigMap"]
+
+
 class TestNamespaced:
     VALUES: dict[str, Any] = {  # noqa: RUF012 - read-only test data
         "rbac": {"scope": "namespaced"},
@@ -164,6 +193,7 @@ class TestCustomised:
         """fullnameOverride names everything; the relays and per-namespace Roles appear."""
         objects = chart.render(chart.custom_values())
         assert sorted(chart.kinds(objects)) == [
+            ("ConfigMap", "mail-operator-dashboard", chart.NAMESPACE),
             ("Deployment", "mail-operator", chart.NAMESPACE),
             ("Role", "mail-operator", "mail"),
             ("Role", "mail-operator", "mail-staging"),
@@ -232,6 +262,16 @@ class TestCustomised:
     def test_verbose_log_level(self) -> None:
         """logLevel=verbose starts the operator with --verbose."""
         assert chart.container(chart.render({"logLevel": "verbose"}))["args"][-1] == "--verbose"
+
+    def test_dashboard_labels_and_annotations(self) -> None:
+        """dashboards.labels/annotations join the common ones on the dashboard ConfigMap."""
+        dashboard = chart.only(chart.render(chart.custom_values()), "ConfigMap")["metadata"]
+        assert dashboard["labels"]["grafana_dashboard"] == "mail"
+        assert dashboard["labels"]["team"] == "platform"
+        assert dashboard["annotations"] == {
+            "grafana_folder": "Mail",
+            "owner": "platform@example.com",
+        }
 
     @pytest.mark.parametrize("log_format", ["plain", "full", "json"])
     def test_log_format(self, log_format: str) -> None:

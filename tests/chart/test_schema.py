@@ -72,6 +72,7 @@ class TestSchema:
             ({"relays": [{"name": "a", "sepc": {}}]}, "sepc"),
             ({"tolerations": [{"key": "a", "efect": "NoSchedule"}]}, "efect"),
             ({"resources": {"request": {"cpu": "1"}}}, "request"),
+            ({"dashboards": {"enable": True}}, "enable"),
         ],
     )
     def test_unknown_keys_are_refused(self, values: dict[str, Any], named: str) -> None:
@@ -97,6 +98,9 @@ class TestSchema:
             ({"resources": {"limits": {"memory": "lots"}}}, "/resources/limits/memory"),
             ({"imagePullSecrets": ["regcred"]}, "/imagePullSecrets/0"),
             ({"relays": [{"name": "a", "spec": "x"}]}, "/relays/0/spec"),
+            ({"dashboards": {"enabled": "yes"}}, "/dashboards/enabled"),
+            ({"dashboards": {"labels": {"grafana_dashboard": 1}}}, "/dashboards/labels"),
+            ({"dashboards": {"annotations": []}}, "/dashboards/annotations"),
         ],
     )
     def test_wrong_types_are_refused(self, values: dict[str, Any], named: str) -> None:
