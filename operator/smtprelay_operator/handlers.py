@@ -39,6 +39,24 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _report_failure(
+    kube: Kube, body: Any, generation: int, config_hash: str, reason: str, message: str
+) -> None:
+    """A Warning Event for the owner, and Degraded with ``reason`` in the status."""
+    kopf.event(body, type="Warning", reason=reason, message=message)
+    _write_status(
+        kube,
+        body,
+        lambda current: _observe(
+            kube,
+            current,
+            generation=generation,
+            config_hash=config_hash,
+            failure=(reason, message),
+        ),
+    )
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Keep kopf's footprint on SmtpRelays to one annotation, and Events to what users need."""
@@ -141,18 +159,7 @@ def reconcile(
 
     problem = _validate(rendered)
     if problem is not None:
-        kopf.event(body, type="Warning", reason="InvalidConfig", message=problem)
-        _write_status(
-            kube,
-            body,
-            lambda current: _observe(
-                kube,
-                current,
-                generation=generation,
-                config_hash=applied_hash,
-                failure=("InvalidConfig", problem),
-            ),
-        )
+        _report_failure(kube, body, generation, applied_hash, "InvalidConfig", problem)
         raise kopf.PermanentError(f"the relay would refuse this spec: {problem}")
 
     # Each object on its own: a PVC the cluster refuses to resize must not hold back a
@@ -169,18 +176,7 @@ def reconcile(
             applied_hash = rendered.config_hash
     if failures:
         message = "; ".join(failures)
-        kopf.event(body, type="Warning", reason="ApplyFailed", message=message)
-        _write_status(
-            kube,
-            body,
-            lambda current: _observe(
-                kube,
-                current,
-                generation=generation,
-                config_hash=applied_hash,
-                failure=("ApplyFailed", message),
-            ),
-        )
+        _report_failure(kube, body, generation, applied_hash, "ApplyFailed", message)
         raise kopf.TemporaryError(message, delay=_APPLY_RETRY_DELAY)
 
     if reason != kopf.Reason.RESUME:
