@@ -31,14 +31,33 @@ from smtprelay.config import RelayConfig, split_hostport
 from smtprelay.logs import system_log
 from smtprelay.spool import PID_FILE, Shard, Spool
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
-def available_cpus() -> int:
-    """CPUs this process may run on, capped by a cgroup v2 CPU limit if there is one."""
-    count = len(os.sched_getaffinity(0))
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """The container's CPU limit in CPUs (a pod's ``resources.limits.cpu``), or None.
+
+    cgroup v2 keeps it in ``cpu.max`` ("max 100000" when unlimited); cgroup v1 in the cpu
+    controller's ``cpu.cfs_quota_us`` (-1 when unlimited) and ``cpu.cfs_period_us``. The
+    container runtime mounts the container's own cgroup at ``root``.
+    """
     with contextlib.suppress(OSError, ValueError):
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+        quota, period = (root / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    for controller in ("cpu", "cpu,cpuacct"):
+        with contextlib.suppress(OSError, ValueError):
+            quota_us = int((root / controller / "cpu.cfs_quota_us").read_text())
+            period_us = int((root / controller / "cpu.cfs_period_us").read_text())
+            return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    return None
+
+
+def available_cpus(root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may run on, capped by the container's CPU limit (rounded up)."""
+    count = len(os.sched_getaffinity(0))
+    limit = cgroup_cpu_limit(root)
+    if limit is not None:
+        count = min(count, max(1, math.ceil(limit)))
     return max(1, count)
 
 
