@@ -30,6 +30,11 @@ K8S_QUANTITY_PATTERN = (
     r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# The SmtpRelay's name becomes the Service's (a DNS-1035 label, at most 63 characters) and,
+# with a suffix of up to 11 characters ("-metrics", "-config"), other objects' names and
+# label values (at most 63): so a DNS-1035 label of at most 52.
+MAX_NAME_LENGTH = 52
+NAME_RULE = "^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
 def _quantity(description: str) -> Schema:
@@ -108,12 +113,6 @@ _OPERATOR_FIELDS: Schema = {
                 "description": "StorageClass of the spool volume; unset uses the cluster "
                 "default. Fixed once the volume exists.",
                 "type": "string",
-                "x-kubernetes-validations": [
-                    _rule(
-                        "self == oldSelf",
-                        "storage.storageClassName cannot change once the spool exists",
-                    )
-                ],
             },
             "retainOnDelete": {
                 "description": "Keep the spool volume (and any mail still queued on it) when "
@@ -195,6 +194,35 @@ _OPERATOR_FIELDS: Schema = {
     },
     "podAnnotations": _string_map("Extra annotations on the relay pod."),
 }
+
+# Transition rules (oldSelf): a PVC's class cannot change and its size cannot shrink, so the
+# API server refuses the SmtpRelay instead of the operator failing on the PVC forever.
+_STORAGE_RULES = [
+    _rule(
+        "has(self.storageClassName) == has(oldSelf.storageClassName)"
+        " && (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)",
+        "storage.storageClassName cannot be added, removed or changed once the spool exists",
+        ".storageClassName",
+        "FieldValueForbidden",
+    ),
+    _rule(
+        "!has(self.size) || !has(oldSelf.size)"
+        " || quantity(string(self.size)).compareTo(quantity(string(oldSelf.size))) >= 0",
+        "storage.size cannot shrink: a PersistentVolumeClaim can only grow",
+        ".size",
+        "FieldValueForbidden",
+    ),
+]
+
+_NAME_RULES = [
+    _rule(
+        f"self.metadata.name.matches('{NAME_RULE}')"
+        f" && size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+        f"metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', "
+        f"starting with a letter) of at most {MAX_NAME_LENGTH} characters: it names the "
+        f"relay's Service and, with a suffix, its other objects",
+    )
+]
 
 _CREDENTIALS_SECRET = _secret_name(
     "A Secret in this namespace with keys username and password for AUTH at the gateway."
@@ -328,6 +356,19 @@ def spec_schema() -> Schema:
     spec_rules, gateway_rules, logging_rules = _cross_field_rules()
     properties["gateway"]["x-kubernetes-validations"] = gateway_rules
     properties["logging"]["x-kubernetes-validations"] = logging_rules
+    storage = properties["storage"]
+    storage["x-kubernetes-validations"] = _STORAGE_RULES
+    properties["allowedNetworks"]["items"]["x-kubernetes-validations"] = [
+        _rule(
+            "isCIDR(self) || isIP(self)",
+            "each allowedNetworks entry must be a CIDR like 10.0.0.0/8 or fc00::/7",
+        )
+    ]
+    properties["allowedNetworks"]["items"]["maxLength"] = 64
+    properties["allowedNetworks"]["maxItems"] = 1024
+    properties["allowedNetworks"]["items"] = ordered(properties["allowedNetworks"]["items"])
+    properties["allowedNetworks"] = ordered(properties["allowedNetworks"])
+    properties["storage"] = ordered(storage)
     spec["description"] = (
         "The desired relay: its mail settings (the same fields as relay.yaml) and how it "
         "runs in the cluster."
@@ -386,6 +427,7 @@ def custom_resource_definition() -> dict[str, Any]:
                             "spools it to a volume and delivers it directly or through a "
                             "gateway.",
                             "type": "object",
+                            "x-kubernetes-validations": _NAME_RULES,
                             "properties": {
                                 "apiVersion": {
                                     "description": "APIVersion of this object.",

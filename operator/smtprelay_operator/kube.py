@@ -19,6 +19,9 @@ Object = dict[str, Any]
 
 NOT_FOUND: Final = 404
 CONFLICT: Final = 409
+# (connect, read) seconds for every request: a half-open connection or a stuck webhook
+# fails the request, which is retried with backoff, instead of blocking a worker forever.
+REQUEST_TIMEOUT: Final = (5.0, 30.0)
 
 _COLLECTIONS: Final = {
     ("v1", "ConfigMap"): "/api/v1/namespaces/{namespace}/configmaps",
@@ -26,6 +29,7 @@ _COLLECTIONS: Final = {
     ("v1", "Service"): "/api/v1/namespaces/{namespace}/services",
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{namespace}/deployments",
     (api.API_VERSION, api.KIND): f"/apis/{api.API_VERSION}/namespaces/{{namespace}}/{api.PLURAL}",
+    ("v1", "Event"): "/api/v1/namespaces/{namespace}/events",
 }
 
 
@@ -46,8 +50,14 @@ def path_of(api_version: str, kind: str, *, namespace: str, name: str) -> str:
 class Kube:
     """Server-side apply, get and status writes for the operator's handful of kinds."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        *,
+        timeout: tuple[float, float] = REQUEST_TIMEOUT,
+    ) -> None:
         self._client = api_client
+        self._timeout = timeout
 
     def _request(
         self,
@@ -66,7 +76,7 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self._client.call_api(*params)
+        response = self._client.call_api(*params, _request_timeout=self._timeout)
         response.read()  # type: ignore[no-untyped-call]
         text = bytes(response.data or b"").decode("utf-8")
         if not 200 <= response.status <= 299:
@@ -110,4 +120,20 @@ class Kube:
         patch = {"metadata": {"resourceVersion": metadata["resourceVersion"]}, "status": status}
         return self._request(
             "PATCH", f"{path}/status", body=patch, content_type="application/merge-patch+json"
+        )
+
+    def create_event(self, namespace: str, event: Mapping[str, Any]) -> Object:
+        return self._request(
+            "POST", _COLLECTIONS["v1", "Event"].format(namespace=namespace), body=dict(event)
+        )
+
+    def get_event(self, namespace: str, name: str) -> Object | None:
+        return self.get("v1", "Event", namespace=namespace, name=name)
+
+    def patch_event(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Object:
+        return self._request(
+            "PATCH",
+            path_of("v1", "Event", namespace=namespace, name=name),
+            body=dict(patch),
+            content_type="application/merge-patch+json",
         )

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 
 import kopf
 
-import smtprelay_operator.handlers  # noqa: F401 - importing registers the kopf handlers
-from smtprelay_operator import render
+from smtprelay_operator import handlers, render
 
 IMAGE_ENV = "SMTPRELAY_RELAY_IMAGE"
 IMAGE_REPOSITORY = "ghcr.io/smtprelay/smtprelay"
@@ -62,6 +61,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="plain (the message only), full (time, logger, level, message) or json "
         f"(one JSON object a line, for log collectors); default: {DEFAULT_LOG_FORMAT}",
     )
+    parser.add_argument(
+        "--resync-interval",
+        type=float,
+        default=handlers.DEFAULT_RESYNC,
+        metavar="SECONDS",
+        help="re-check every SmtpRelay this often even without a watch event "
+        f"(default: {handlers.DEFAULT_RESYNC:.0f})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=handlers.DEFAULT_WORKERS,
+        help=f"SmtpRelays reconciled at once (default: {handlers.DEFAULT_WORKERS})",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="log kopf's progress")
     parser.add_argument("--debug", action="store_true", help="log everything kopf does")
     return parser.parse_args(argv)
@@ -73,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     memo = kopf.Memo(
         defaults=render.OperatorDefaults(relay_image=args.relay_image or default_image()),
         namespaced=bool(args.namespace),
+        resync=args.resync_interval,
+        workers=max(1, args.workers),
     )
     kopf.run(
         standalone=True,

@@ -37,6 +37,7 @@ SMTP_PORT = 2525
 METRICS_PORT = 9090
 RUN_AS = 10001
 SECRET_MODE = 0o440  # group-readable: fsGroup gives the relay user the group
+STARTUP_SECONDS = 300
 
 DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
     "requests": {"cpu": "100m", "memory": "128Mi"},
@@ -288,12 +289,12 @@ def _volumes(name: str, spec: Mapping[str, Any]) -> tuple[list[Object], list[Obj
 
 
 def _container(spec: Mapping[str, Any], defaults: OperatorDefaults, mounts: list[Object]) -> Object:
-    def probe(path: str) -> Object:
+    def probe(path: str, *, period: int = 10, failures: int = 3) -> Object:
         return {
             "httpGet": {"path": path, "port": "metrics"},
-            "periodSeconds": 10,
+            "periodSeconds": period,
             "timeoutSeconds": 2,
-            "failureThreshold": 3,
+            "failureThreshold": failures,
         }
 
     resources = spec.get("resources") or defaults.resources
@@ -305,6 +306,9 @@ def _container(spec: Mapping[str, Any], defaults: OperatorDefaults, mounts: list
             {"name": "smtp", "containerPort": SMTP_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
         ],
+        # Liveness waits for start-up (a large spool is scanned first): up to 5 minutes
+        # before the kubelet gives up, instead of killing a slow start after 30 s.
+        "startupProbe": probe("/healthz", period=2, failures=STARTUP_SECONDS // 2),
         "livenessProbe": probe("/healthz"),
         "readinessProbe": probe("/readyz"),
         "resources": {kind: _sorted(resources[kind]) for kind in sorted(resources)},
@@ -338,6 +342,9 @@ def _deployment(
             "runAsUser": RUN_AS,
             "runAsGroup": RUN_AS,
             "fsGroup": RUN_AS,
+            # Chown the spool only when its root is not ours yet, not every queued file at
+            # every start (slow, and a crash loop with a large queue).
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [_container(spec, defaults, mounts)],

@@ -1,8 +1,17 @@
 """An SmtpRelay's status from what the operator applied and what its Deployment reports.
 
-Pure, like `render`: the handlers fetch, this decides. Conditions follow the metav1.Condition
-shape, and a condition's lastTransitionTime moves only when its status does, so computing
-the status twice from the same facts gives the same dict and the write can be skipped.
+Pure, like `render`: the reconciler fetches, this decides. Conditions follow the
+metav1.Condition shape, and a condition's lastTransitionTime moves only when its status
+does, so computing the status twice from the same facts gives the same dict and the write
+can be skipped.
+
+The conditions follow kstatus (sigs.k8s.io/cli-utils/pkg/kstatus, read by Flux, Helm 4's
+``--wait`` and Argo CD's health checks): ``observedGeneration`` is written once the outcome
+of that generation is known (applied, or refused); ``Reconciling`` is True while the relay
+is not yet running it (pod rolling, config not yet picked up, an apply being retried);
+``Stalled`` is True when the spec can never be applied as it is. ``Ready`` is True only
+when the relay runs this generation; ``Progressing``/``Degraded`` are kept for
+``kubectl wait`` users and say the same in the Deployment's own words.
 """
 
 from __future__ import annotations
@@ -16,7 +25,18 @@ from smtprelay_operator import api
 READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
-CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+CONDITION_TYPES = (READY, PROGRESSING, DEGRADED, RECONCILING, STALLED)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Failure:
+    """Why the operator could not apply the spec; ``stalled`` when retrying cannot help."""
+
+    reason: str
+    message: str
+    stalled: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,8 +49,8 @@ class Observed:
     """The hash of the relay.yaml last applied (kept when a newer spec could not be)."""
     deployment: Mapping[str, Any] | None
     """The live Deployment, or None when it does not exist."""
-    failure: tuple[str, str] | None = None
-    """(reason, message) when the operator could not apply the spec."""
+    failure: Failure | None = None
+    """Why the operator could not apply this generation, if it could not."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +111,42 @@ def _rollout(observed: Observed) -> tuple[_Verdict, _Verdict]:
 
 def _degraded(observed: Observed) -> _Verdict:
     if observed.failure is not None:
-        reason, message = observed.failure
-        return _Verdict("True", reason, message)
+        return _Verdict("True", observed.failure.reason, observed.failure.message)
     if observed.deployment is not None:
         failure = _deployment_failure(observed.deployment)
         if failure is not None:
             return failure
     return _Verdict("False", "AsExpected", "no failures reported")
+
+
+def _kstatus(
+    observed: Observed, ready: _Verdict, progressing: _Verdict, degraded: _Verdict
+) -> tuple[_Verdict, _Verdict, _Verdict]:
+    """(Ready, Reconciling, Stalled) for this generation."""
+    failure = observed.failure
+    if failure is not None:
+        not_running = _Verdict(
+            "False", failure.reason, f"generation {observed.generation} is not running"
+        )
+        if failure.stalled:
+            return (
+                not_running,
+                _Verdict("False", failure.reason, "retrying cannot help; fix the spec"),
+                _Verdict("True", failure.reason, failure.message),
+            )
+        return (
+            not_running,
+            _Verdict("True", failure.reason, f"retrying: {failure.message}"),
+            _Verdict("False", "Retrying", "the apply is retried with backoff"),
+        )
+    if degraded.status == "True":  # the Deployment gave up (progress deadline exceeded)
+        return (
+            ready,
+            _Verdict("False", degraded.reason, "the Deployment stopped progressing"),
+            degraded,
+        )
+    reconciling = _Verdict(progressing.status, progressing.reason, progressing.message)
+    return ready, reconciling, _Verdict("False", "AsExpected", "nothing is stuck")
 
 
 def _condition(
@@ -126,10 +175,19 @@ def compute(
 ) -> dict[str, Any]:
     """The whole ``status`` of an SmtpRelay; ``now`` stamps conditions whose status changed."""
     by_type = {condition.get("type", ""): condition for condition in previous}
-    # A failure to apply leaves the last applied objects running: Ready and Progressing
-    # keep describing them, and Degraded says why the newer spec is not in effect.
+    # A failure to apply leaves the last applied objects running: Progressing keeps
+    # describing them; Ready is False for this generation, Degraded and Stalled or
+    # Reconciling say why.
     ready, progressing = _rollout(observed)
-    verdicts = {READY: ready, PROGRESSING: progressing, DEGRADED: _degraded(observed)}
+    degraded = _degraded(observed)
+    ready, reconciling, stalled = _kstatus(observed, ready, progressing, degraded)
+    verdicts = {
+        READY: ready,
+        PROGRESSING: progressing,
+        DEGRADED: degraded,
+        RECONCILING: reconciling,
+        STALLED: stalled,
+    }
     deployment_status = (observed.deployment or {}).get("status", {})
     return {
         "observedGeneration": observed.generation,

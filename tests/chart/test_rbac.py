@@ -17,14 +17,14 @@ RENDERINGS: dict[str, dict[str, Any]] = {
 
 # (apiGroup, resource) -> verbs: every right the operator gets in a namespace it serves.
 NAMESPACED_RIGHTS = {
-    ("smtprelay.dev", "smtprelays"): {"get", "list", "watch", "patch"},
+    ("smtprelay.dev", "smtprelays"): {"get", "list", "watch"},
     ("smtprelay.dev", "smtprelays/status"): {"patch"},
     ("smtprelay.dev", "smtprelays/finalizers"): {"update"},
     ("", "configmaps"): {"list", "watch", "create", "patch"},
     ("", "persistentvolumeclaims"): {"list", "watch", "create", "patch"},
     ("", "services"): {"list", "watch", "create", "patch"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
-    ("", "events"): {"create"},
+    ("", "events"): {"create", "get", "patch"},
 }
 CLUSTER_RIGHTS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 # kopf follows namespaces only when it serves a list of them (not cluster-wide).

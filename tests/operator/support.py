@@ -52,6 +52,18 @@ class Cluster:
             check=False,
         )
 
+    def replace(self, manifest: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        """`kubectl replace -f -` (the whole object, so removed fields are removed)."""
+        return subprocess.run(
+            [str(self.plane.bin_dir / "kubectl"), "-n", self.namespace, "replace", "-f", "-"],
+            env=self.plane.env(),
+            input=json.dumps(manifest),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
     def apply(self, manifest: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         """`kubectl apply -f -`, returning the completed process (a refusal is not raised)."""
         return self._apply(manifest, "-n", self.namespace)

@@ -28,7 +28,7 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     {
         "apiGroups": ["smtprelay.dev"],
         "resources": ["smtprelays"],
-        "verbs": ["get", "list", "watch", "patch"],
+        "verbs": ["get", "list", "watch"],
     },
     {"apiGroups": ["smtprelay.dev"], "resources": ["smtprelays/status"], "verbs": ["patch"]},
     {
@@ -41,7 +41,7 @@ OPERATOR_RULES: list[dict[str, Any]] = [
         "resources": ["deployments"],
         "verbs": ["get", "list", "watch", "create", "patch"],
     },
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "get", "patch"]},
     # kopf discovers resources and namespaces by watching them.
     {
         "apiGroups": ["apiextensions.k8s.io"],

@@ -159,12 +159,14 @@ class TestDeployment:
         assert make({"suspended": False}).deployment["spec"]["replicas"] == 1
 
     def test_pod_security_context(self) -> None:
-        """Non-root 10001, fsGroup 10001, RuntimeDefault seccomp."""
+        """Non-root 10001, fsGroup 10001 applied only when the volume root is not yet ours
+        (not a chown of every queued file at every start), RuntimeDefault seccomp."""
         assert pod_spec(make())["securityContext"] == {
             "runAsNonRoot": True,
             "runAsUser": 10001,
             "runAsGroup": 10001,
             "fsGroup": 10001,
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         }
 
@@ -191,6 +193,12 @@ class TestDeployment:
         ]
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+    def test_startup_probe_gives_a_large_spool_time(self) -> None:
+        """A startupProbe holds liveness off for up to 5 minutes while the spool is loaded."""
+        probe = pod_spec(make())["containers"][0]["startupProbe"]
+        assert probe["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert probe["periodSeconds"] * probe["failureThreshold"] == 300
 
     def test_volumes_spool_config_and_tmp(self) -> None:
         """The spool PVC at /var/spool/smtprelay, config at /etc/smtprelay, an emptyDir /tmp."""

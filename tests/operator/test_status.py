@@ -111,9 +111,13 @@ class TestDegraded:
         assert conditions["Degraded"]["status"] == "True"
         assert conditions["Degraded"]["reason"] == "ProgressDeadlineExceeded"
 
-    def test_operator_failure_is_degraded_and_keeps_readiness(self) -> None:
-        """A spec that cannot be applied leaves the running relay Ready, and says why."""
-        facts = observe(deployment(), failure=("InvalidConfig", "allowedNetworks[0]: bad"))
+    def test_operator_failure_is_degraded_and_not_ready_for_this_generation(self) -> None:
+        """A spec that cannot be applied: Degraded and Stalled say why; Ready is False for
+        this generation (the older one keeps running, Progressing describes it)."""
+        failure = status.Failure(
+            reason="InvalidConfig", message="allowedNetworks[0]: bad", stalled=True
+        )
+        facts = observe(deployment(), failure=failure)
         conditions = by_type(status.compute(facts, previous=[], now=T0))
         assert conditions["Degraded"] == {
             "type": "Degraded",
@@ -123,7 +127,50 @@ class TestDegraded:
             "reason": "InvalidConfig",
             "message": "allowedNetworks[0]: bad",
         }
+        assert conditions["Ready"]["status"] == "False"
+        assert conditions["Ready"]["observedGeneration"] == 3
+        assert conditions["Stalled"]["status"] == "True"
+        assert conditions["Stalled"]["message"] == "allowedNetworks[0]: bad"
+        assert conditions["Reconciling"]["status"] == "False"
+        assert conditions["Progressing"]["reason"] == "RolloutComplete"
+
+
+class TestKstatus:
+    """The conditions kstatus reads (Reconciling, Stalled), per sigs.k8s.io/cli-utils."""
+
+    def test_rolling_out_is_reconciling(self) -> None:
+        """While the pod rolls, Reconciling is True: kstatus says InProgress."""
+        conditions = by_type(
+            status.compute(observe(deployment(config_hash="old")), previous=[], now=T0)
+        )
+        assert conditions["Reconciling"]["status"] == "True"
+        assert conditions["Stalled"]["status"] == "False"
+
+    def test_rolled_out_is_neither(self) -> None:
+        """Rolled out: Reconciling and Stalled both False, so kstatus says Current."""
+        conditions = by_type(status.compute(observe(deployment()), previous=[], now=T0))
+        assert conditions["Reconciling"]["status"] == "False"
+        assert conditions["Stalled"]["status"] == "False"
         assert conditions["Ready"]["status"] == "True"
+
+    def test_retried_failure_is_reconciling(self) -> None:
+        """An apply that failed and is retried: Reconciling True with the reason, not Stalled."""
+        failure = status.Failure(reason="ApplyFailed", message="applying ConfigMap: timeout")
+        conditions = by_type(
+            status.compute(observe(deployment(), failure=failure), previous=[], now=T0)
+        )
+        assert conditions["Reconciling"]["status"] == "True"
+        assert conditions["Reconciling"]["reason"] == "ApplyFailed"
+        assert conditions["Stalled"]["status"] == "False"
+        assert conditions["Ready"]["status"] == "False"
+
+    def test_deployment_that_gave_up_is_stalled(self) -> None:
+        """The Deployment's progress deadline passed: Stalled, no longer Reconciling."""
+        stuck = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+        live = deployment(available=0, conditions=[stuck])
+        conditions = by_type(status.compute(observe(live), previous=[], now=T0))
+        assert conditions["Stalled"]["reason"] == "ProgressDeadlineExceeded"
+        assert conditions["Reconciling"]["status"] == "False"
 
 
 class TestShape:
@@ -133,7 +180,13 @@ class TestShape:
         assert computed["observedGeneration"] == 3
         assert computed["configHash"] == HASH
         assert computed["readyReplicas"] == 1
-        assert [c["type"] for c in computed["conditions"]] == ["Ready", "Progressing", "Degraded"]
+        assert [c["type"] for c in computed["conditions"]] == [
+            "Ready",
+            "Progressing",
+            "Degraded",
+            "Reconciling",
+            "Stalled",
+        ]
 
     def test_transition_time_moves_only_with_status(self) -> None:
         """Recomputing with the same facts later gives the same status, so nothing is written."""

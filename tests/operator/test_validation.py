@@ -57,6 +57,43 @@ INVALID = [
         "spec.delivery.tries",
         id="tries-below-one",
     ),
+    pytest.param(
+        {"allowedNetworks": ["10.0.0.0/8", "not-a-network"]},
+        'spec.allowedNetworks[1]: Invalid value: "string": each allowedNetworks entry must '
+        "be a CIDR",
+        id="allowedNetworks-not-a-cidr",
+    ),
+]
+
+NAME_REFUSED = "metadata.name must be a DNS-1035 label"
+
+# (spec at creation, spec changed to, what the refusal names)
+STORAGE_CHANGES = [
+    pytest.param(
+        {"storage": {"storageClassName": "fast"}},
+        {"storage": {"storageClassName": "slow"}},
+        "spec.storage.storageClassName: Forbidden: storage.storageClassName cannot be added, "
+        "removed or changed",
+        id="class-changed",
+    ),
+    pytest.param(
+        {},
+        {"storage": {"storageClassName": "fast"}},
+        "spec.storage.storageClassName: Forbidden",
+        id="class-added",
+    ),
+    pytest.param(
+        {"storage": {"storageClassName": "fast"}},
+        {"storage": {}},
+        "spec.storage.storageClassName: Forbidden",
+        id="class-removed",
+    ),
+    pytest.param(
+        {"storage": {"size": "2Gi"}},
+        {"storage": {"size": "1536Mi"}},
+        "spec.storage.size: Forbidden: storage.size cannot shrink",
+        id="size-shrunk",
+    ),
 ]
 
 
@@ -71,6 +108,43 @@ class TestValidation:
         assert message in result.stderr
         assert cluster.get("smtprelay", "bad") is None
 
+    @pytest.mark.parametrize(
+        "name", ["1mail", "mail.example", "m" * 53], ids=["digit-first", "dot", "too-long"]
+    )
+    def test_name_that_cannot_name_a_service_is_refused(self, cluster: Cluster, name: str) -> None:
+        """A name the relay's Service (and suffixed children) could not carry is refused."""
+        result = cluster.apply(relay_manifest(name, {}))
+        assert result.returncode != 0
+        assert NAME_REFUSED in result.stderr
+        assert cluster.get("smtprelay", name) is None
+
+    def test_longest_allowed_name_is_accepted(self, cluster: Cluster) -> None:
+        """52 characters starting with a letter pass."""
+        result = cluster.apply(relay_manifest("m" * 52, {}))
+        assert result.returncode == 0, result.stderr
+
+    @pytest.mark.parametrize(("before", "after", "message"), STORAGE_CHANGES)
+    def test_storage_change_a_claim_cannot_take_is_refused(
+        self, cluster: Cluster, before: dict[str, Any], after: dict[str, Any], message: str
+    ) -> None:
+        """The spool's class is fixed and its size only grows: refused at the API server."""
+        created = cluster.apply(relay_manifest("mail", before))
+        assert created.returncode == 0, created.stderr
+        result = cluster.replace(relay_manifest("mail", after))
+        assert result.returncode != 0
+        assert message in result.stderr
+        assert cluster.must_get("smtprelay", "mail")["spec"]["storage"] == {
+            "retainOnDelete": True,
+            "size": "1Gi",
+            **before.get("storage", {}),
+        }
+
+    def test_storage_may_grow(self, cluster: Cluster) -> None:
+        """Growing the spool (1Gi → 2Gi) is accepted; the claim may expand."""
+        assert cluster.apply(relay_manifest("mail", {"storage": {"size": "1Gi"}})).returncode == 0
+        result = cluster.replace(relay_manifest("mail", {"storage": {"size": "2Gi"}}))
+        assert result.returncode == 0, result.stderr
+
     def test_unknown_field_is_refused(self, cluster: Cluster) -> None:
         """A misspelt field is an error, not silently dropped (kubectl's strict validation)."""
         result = cluster.apply(relay_manifest("bad", {"delivery": {"queuetimer": "1m"}}))
@@ -80,8 +154,9 @@ class TestValidation:
     def test_spec_the_relay_refuses_is_reported_degraded(
         self, cluster: Cluster, operator: Operator
     ) -> None:
-        """A spec the schema allows but the relay rejects makes Degraded True, InvalidConfig."""
-        create_relay(cluster, "mail", {"allowedNetworks": ["not-a-network"]})
+        """A spec the schema allows but the relay rejects: Degraded and Stalled True with
+        reason InvalidConfig, naming the field; nothing is applied."""
+        create_relay(cluster, "mail", {"dnsServers": ["192.0.2.53:99999"]})
 
         def degraded() -> bool:
             relay = cluster.must_get("smtprelay", "mail")
@@ -89,8 +164,11 @@ class TestValidation:
             return found.get("status") == "True" and found.get("reason") == "InvalidConfig"
 
         wait_for(degraded, timeout=CONVERGE, what="Degraded InvalidConfig")
-        message = condition(cluster.must_get("smtprelay", "mail"), "Degraded")["message"]
-        assert "allowedNetworks" in message
+        relay = cluster.must_get("smtprelay", "mail")
+        assert "dnsServers[0]" in condition(relay, "Degraded")["message"]
+        assert condition(relay, "Stalled")["status"] == "True"
+        assert condition(relay, "Ready")["status"] == "False"
+        assert relay["status"]["observedGeneration"] == relay["metadata"]["generation"]
         assert not exists(cluster, "deployment", "mail")
 
 

@@ -4,12 +4,12 @@ Used by the ClusterRole (rbac.scope=cluster) and by each Role (rbac.scope=namesp
 Code paths are in operator/smtprelay_operator/ (handlers.py, kube.py) and kopf 1.45.
 */}}
 {{- define "smtprelay-operator.namespacedRules" -}}
-# kopf watches SmtpRelays (list+watch) and patches them to keep its progress and
-# last-handled-configuration annotations; Kube.get reads one before each status write
-# (handlers._write_status) and when a child changes (handlers.child_changed).
+# kopf watches SmtpRelays (list+watch); each reconcile reads the one it works on (Kube.get in
+# reconcile.reconcile and reconcile.write_status). The operator never writes an SmtpRelay
+# itself: no kopf annotations, no finalizer (its work queue keeps its state in memory).
 - apiGroups: ["smtprelay.dev"]
   resources: ["smtprelays"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 # Kube.replace_status: a merge patch of status.conditions/observedGeneration/configHash.
 - apiGroups: ["smtprelay.dev"]
   resources: ["smtprelays/status"]
@@ -22,20 +22,22 @@ Code paths are in operator/smtprelay_operator/ (handlers.py, kube.py) and kopf 1
   verbs: ["update"]
 # Kube.apply server-side-applies each child (PATCH; an apply that creates the object is also
 # authorised as create). handlers.child_changed is a kopf watch on them (list+watch) that
-# puts back what was changed or deleted. The operator deletes nothing: the garbage collector
-# removes children through their ownerReferences.
+# queues their SmtpRelay, whose reconcile puts back what was changed or deleted. The
+# operator deletes nothing: the garbage collector removes children through their
+# ownerReferences.
 - apiGroups: [""]
   resources: ["configmaps", "persistentvolumeclaims", "services"]
   verbs: ["list", "watch", "create", "patch"]
-# As above; Kube.get also reads the Deployment to report readiness (handlers._observe).
+# As above; Kube.get also reads the Deployment to report readiness (reconcile._observer).
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# kopf.event posts Events about an SmtpRelay (Applied, Restored, InvalidConfig,
-# ApplyFailed); kopf 1.45 posts core v1 Events only, never events.k8s.io.
+# events.Recorder posts core v1 Events about an SmtpRelay (Applied, Restored, InvalidConfig,
+# ApplyFailed), one per reason and message: a repeat patches its count and lastTimestamp,
+# and after an operator restart the existing Event is read (get) to carry its count on.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "get", "patch"]
 {{- end }}
 
 {{/*
