@@ -22,6 +22,7 @@ CONFLICT: Final = 409
 # (connect, read) seconds for every request: a half-open connection or a stuck webhook
 # fails the request, which is retried with backoff, instead of blocking a worker forever.
 REQUEST_TIMEOUT: Final = (5.0, 30.0)
+_METADATA_ONLY: Final = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 _COLLECTIONS: Final = {
     ("v1", "ConfigMap"): "/api/v1/namespaces/{namespace}/configmaps",
@@ -30,6 +31,7 @@ _COLLECTIONS: Final = {
     ("apps/v1", "Deployment"): "/apis/apps/v1/namespaces/{namespace}/deployments",
     (api.API_VERSION, api.KIND): f"/apis/{api.API_VERSION}/namespaces/{{namespace}}/{api.PLURAL}",
     ("v1", "Event"): "/api/v1/namespaces/{namespace}/events",
+    ("v1", "Secret"): "/api/v1/namespaces/{namespace}/secrets",
 }
 
 
@@ -67,12 +69,13 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> Object:
         params = self._client.param_serialize(
             method=method,
             resource_path=path,
             query_params=query or [],
-            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            header_params={"Content-Type": content_type, "Accept": accept},
             body=body,
             auth_settings=["BearerToken"],
         )
@@ -137,3 +140,23 @@ class Kube:
             body=dict(patch),
             content_type="application/merge-patch+json",
         )
+
+    def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A Secret's labels, or None when it does not exist.
+
+        Asked for as PartialObjectMetadata: the API server sends the metadata only, so the
+        Secret's data never reaches the operator (RBAC cannot express "metadata only"; the
+        request can).
+        """
+        try:
+            meta = self._request(
+                "GET",
+                path_of("v1", "Secret", namespace=namespace, name=name),
+                accept=_METADATA_ONLY,
+            )
+        except ApiException as error:
+            if error.status == NOT_FOUND:
+                return None
+            raise
+        labels: dict[str, str] = (meta.get("metadata") or {}).get("labels") or {}
+        return labels

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 import kopf
 
-from smtprelay_operator import handlers, render
+from smtprelay_operator import handlers, policy, render
 
 IMAGE_ENV = "SMTPRELAY_RELAY_IMAGE"
+ALLOWED_IMAGES_ENV = "SMTPRELAY_ALLOWED_IMAGES"
 IMAGE_REPOSITORY = "ghcr.io/smtprelay/smtprelay"
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 # kopf's own log formats, by the names its CLI uses; "full" is kopf's default.
@@ -48,6 +49,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"relay image for SmtpRelays that set no spec.image (default: ${IMAGE_ENV} or "
         f"{IMAGE_REPOSITORY}:<version>)",
+    )
+    parser.add_argument(
+        "--allowed-images",
+        default=None,
+        help="image patterns (comma-separated, * a wildcard) an SmtpRelay's spec.image may "
+        f"name (default: ${ALLOWED_IMAGES_ENV}, else the default relay image's repository "
+        "with any tag or digest)",
     )
     parser.add_argument(
         "--liveness",
@@ -84,7 +92,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     kopf.configure(verbose=args.verbose, debug=args.debug, log_format=LOG_FORMATS[args.log_format])
     memo = kopf.Memo(
-        defaults=render.OperatorDefaults(relay_image=args.relay_image or default_image()),
+        defaults=render.OperatorDefaults(
+            relay_image=args.relay_image or default_image(),
+            allowed_images=policy.parse_allowed_images(
+                args.allowed_images or os.environ.get(ALLOWED_IMAGES_ENV, "")
+            ),
+        ),
         namespaced=bool(args.namespace),
         resync=args.resync_interval,
         workers=max(1, args.workers),

@@ -24,7 +24,7 @@ import yaml
 from kubernetes.client import ApiException
 from smtprelay.config import ConfigError, parse_config
 
-from smtprelay_operator import api, render, status
+from smtprelay_operator import api, policy, render, status
 from smtprelay_operator.events import Involved, Recorder
 from smtprelay_operator.kube import CONFLICT, Kube
 
@@ -184,6 +184,18 @@ def _apply_children(
     return failures
 
 
+def _refusal(ctx: Context, namespace: str, spec: Mapping[str, Any]) -> policy.Refusal | None:
+    allowed = ctx.defaults.allowed_images or policy.default_allowed_images(ctx.defaults.relay_image)
+    refusal = policy.image_refusal(spec, allowed)
+    if refusal is not None:
+        return refusal
+    for field, secret in policy.secret_references(spec):
+        refusal = policy.secret_refusal(field, secret, ctx.kube.secret_labels(namespace, secret))
+        if refusal is not None:
+            return refusal
+    return None
+
+
 def reconcile(ctx: Context, namespace: str, name: str) -> bool | None:
     """Bring one SmtpRelay's objects and status up to date.
 
@@ -211,6 +223,17 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | None:
     if problem is not None:
         failure = status.Failure(reason="InvalidConfig", message=problem, stalled=True)
         return _fail(ctx, relay, involved, generation, applied_hash, failure, settled=True)
+    refusal = _refusal(ctx, namespace, relay.get("spec") or {})
+    if refusal is not None:
+        # Nothing is applied: the relay pod must not mount what it may not use. A Secret
+        # may be labelled or created later: checked again with backoff (one cheap GET).
+        failure = status.Failure(
+            reason=refusal.reason,
+            message=refusal.text(),
+            stalled=refusal.reason != "SecretNotFound",
+        )
+        settled = refusal.reason == "ImageNotAllowed"  # only a new spec can change that
+        return _fail(ctx, relay, involved, generation, applied_hash, failure, settled=settled)
 
     failures = _apply_children(ctx, rendered, involved, caught_up=caught_up)
     if not any(f.startswith(("Deployment", "applying Deployment")) for f in failures):

@@ -51,6 +51,9 @@ class OperatorDefaults:
     """What the operator fills in when the spec leaves it out."""
 
     relay_image: str
+    allowed_images: tuple[str, ...] = ()
+    """Image patterns spec.image may use (the installer's allow-list); empty: the default
+    image's repository, any tag or digest."""
     resources: Mapping[str, Mapping[str, str]] = dataclasses.field(
         default_factory=lambda: copy.deepcopy(dict(DEFAULT_RESOURCES))
     )

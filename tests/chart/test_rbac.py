@@ -25,6 +25,7 @@ NAMESPACED_RIGHTS = {
     ("", "services"): {"list", "watch", "create", "patch"},
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("", "events"): {"create", "get", "patch"},
+    ("", "secrets"): {"get"},
 }
 CLUSTER_RIGHTS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 # kopf follows namespaces only when it serves a list of them (not cluster-wide).
@@ -70,11 +71,14 @@ class TestRules:
         for role in roles:
             assert rights(role) == NAMESPACED_RIGHTS
 
-    def test_no_secrets_no_deletes(self) -> None:
-        """The operator neither reads Secrets nor deletes anything (the GC removes children)."""
+    def test_secrets_get_only_and_no_deletes(self) -> None:
+        """Secrets: get only (the labels of a named one, as metadata), never list or watch;
+        the operator deletes nothing (the GC removes children)."""
         for values in RENDERINGS.values():
             for _, rule in chart.rules(chart.render(values)):
-                assert "secrets" not in rule["resources"]
+                if "secrets" in rule["resources"]:
+                    assert rule["resources"] == ["secrets"]
+                    assert rule["verbs"] == ["get"]
                 assert not {"delete", "deletecollection", "update"} & set(rule["verbs"]) or (
                     rule["resources"] == ["smtprelays/finalizers"]
                 )

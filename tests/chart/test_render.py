@@ -93,6 +93,12 @@ class TestDefaults:
         """The relay pods get the image of the same release, through $SMTPRELAY_RELAY_IMAGE."""
         env = chart.env(chart.render())
         assert env["SMTPRELAY_RELAY_IMAGE"] == "ghcr.io/smtprelay/smtprelay:0.1.0"
+        assert "SMTPRELAY_ALLOWED_IMAGES" not in env, "the default: the relay repository"
+
+    def test_allowed_images_reach_the_operator(self) -> None:
+        """relayImage.allowed becomes $SMTPRELAY_ALLOWED_IMAGES, the spec.image allow-list."""
+        values = {"relayImage": {"repository": "r/relay", "allowed": ["r/relay:*", "m/relay@*"]}}
+        assert chart.env(chart.render(values))["SMTPRELAY_ALLOWED_IMAGES"] == "r/relay:*,m/relay@*"
 
     def test_chart_version_is_the_package_version(self) -> None:
         """Chart version and appVersion are the `smtprelay` version in pyproject.toml."""

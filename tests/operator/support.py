@@ -269,3 +269,73 @@ def wait_ready(cluster: Cluster, name: str) -> dict[str, Any]:
 
 def exists(cluster: Cluster, kind: str, name: str) -> bool:
     return cluster.get(kind, name) is not None
+
+
+@contextlib.contextmanager
+def refusing(
+    cluster: Cluster, *, resource: str, expression: str, message: str, probe: dict[str, Any]
+) -> Iterator[None]:
+    """The API server refuses CREATE/UPDATE of ``resource`` (core v1) in the test namespace
+    where the CEL ``expression`` is false: a real admission failure (a ValidatingAdmission-
+    Policy), such as a webhook or a quota would give, while the test needs one. ``probe`` is
+    an object the policy refuses: its server-side dry run tells when the policy is in force."""
+    name = f"refuse-{cluster.namespace}-{resource}"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": cluster.namespace}
+                },
+                "resourceRules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": [resource],
+                    }
+                ],
+            },
+            "validations": [{"expression": expression, "message": message}],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
+    }
+    for manifest in (policy, binding):
+        result = cluster._apply(manifest)
+        assert result.returncode == 0, result.stderr
+
+    def in_force() -> bool:
+        return cluster._apply(probe, "-n", cluster.namespace, "--dry-run=server").returncode != 0
+
+    wait_for(in_force, timeout=CONVERGE, what=f"the policy refusing {resource} to be in force")
+    try:
+        yield
+    finally:
+        cluster.plane.kubectl(
+            "delete",
+            "validatingadmissionpolicybinding/" + name,
+            "validatingadmissionpolicy/" + name,
+            "--wait=true",
+        )
+
+
+def events(cluster: Cluster, relay: str) -> list[dict[str, Any]]:
+    """The Events about SmtpRelay ``relay``."""
+    out = cluster.kubectl(
+        "get",
+        "events",
+        "--field-selector",
+        f"involvedObject.kind=SmtpRelay,involvedObject.name={relay}",
+        "-o",
+        "json",
+    )
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items

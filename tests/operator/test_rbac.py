@@ -42,6 +42,8 @@ OPERATOR_RULES: list[dict[str, Any]] = [
         "verbs": ["get", "list", "watch", "create", "patch"],
     },
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "get", "patch"]},
+    # Only the labels of the Secrets an SmtpRelay names (PartialObjectMetadata).
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
     # kopf discovers resources and namespaces by watching them.
     {
         "apiGroups": ["apiextensions.k8s.io"],

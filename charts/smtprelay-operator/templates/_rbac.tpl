@@ -38,6 +38,13 @@ Code paths are in operator/smtprelay_operator/ (handlers.py, kube.py) and kopf 1
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "get", "patch"]
+# reconcile._refusal reads the labels of each Secret an SmtpRelay names (Kube.secret_labels),
+# to use only those labelled smtprelay.dev/use=true. Only get (no list, no watch: it never
+# enumerates Secrets), and asked for as PartialObjectMetadata, so the API server sends the
+# metadata and never the data. See the chart README for why this, and not nothing.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
 {{- end }}
 
 {{/*
