@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,39 @@ from typing import Any
 import yaml
 
 from tests.peers import free_port, wait_for
+
+
+class AtomicVolume:
+    """A directory written the way the kubelet writes ConfigMap and Secret volumes.
+
+    The files live in a timestamped directory; ``..data`` is a symlink to it and each key a
+    symlink through ``..data``. An update writes a new directory and renames a new ``..data``
+    link over the old one (kubelet's AtomicWriter), so a reader sees all old or all new files.
+    """
+
+    def __init__(self, path: Path, files: dict[str, str]) -> None:
+        self.path = path
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._version = 0
+        self.write(files)
+
+    def write(self, files: dict[str, str]) -> None:
+        self._version += 1
+        version = self.path / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{self._version}"
+        version.mkdir()
+        for key, text in files.items():
+            (version / key).write_text(text)
+        data = self.path / "..data"
+        old = data.resolve() if data.is_symlink() else None
+        staging = self.path / "..data_tmp"
+        staging.symlink_to(version.name)
+        staging.rename(data)
+        for key in files:
+            link = self.path / key
+            if not link.is_symlink():
+                link.symlink_to(f"..data/{key}")
+        if old is not None:
+            shutil.rmtree(old)
 
 
 def _relay_container(deployment: dict[str, Any]) -> dict[str, Any]:

@@ -126,13 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: ok")
         return 0
     if args.command == "serve":
-        config = _load(args.config)
-        if config is None:
-            return 1
-        from smtprelay import service, workers  # the server's imports are only needed to serve
+        from smtprelay import reload, service, workers  # only needed to serve
 
         try:
-            return workers.serve(config)
+            loaded = reload.load(args.config)
+        except ConfigError as error:
+            for problem in error.problems:
+                print(f"{args.config}: {problem}", file=sys.stderr)
+            return 1
+        try:
+            return workers.serve(loaded.config, (args.config, loaded))
         except service.StartError:
             return 1  # already logged, naming the file or setting
     return _queue(args)

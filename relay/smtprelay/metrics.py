@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +77,20 @@ class _Metrics:
             ["outcome"],
             registry=r,
         )
+        self.config_info = Gauge(
+            "smtprelay_config_info",
+            "1 for the relay.yaml in force (label hash: sha256 of the file), 0 for earlier ones.",
+            ["hash"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.config_reloads = Counter(
+            "smtprelay_config_reloads",
+            "relay.yaml versions seen while running: switched to (reloaded), or refused "
+            "(invalid, or a change that needs a restart).",
+            ["outcome"],
+            registry=r,
+        )
         self.queue_size = Gauge("smtprelay_queue_messages", "Messages in the spool.", registry=r)
         self.oldest = Gauge(
             "smtprelay_queue_oldest_message_age_seconds",
@@ -131,8 +146,16 @@ async def serve_http(
     ready: Callable[[], bool],
     refresh: Callable[[], None],
     render: Callable[[], bytes] | None = None,
+    config: Callable[[], dict[str, object]] | None = None,
 ) -> asyncio.Server:
-    """A minimal HTTP/1.1 server for /metrics, /healthz and /readyz."""
+    """A minimal HTTP/1.1 server for /metrics, /healthz, /readyz and /config.
+
+    /config (and the body of /readyz) tell which relay.yaml runs: its hash, and the last
+    version refused, if any.
+    """
+
+    def config_state() -> dict[str, object]:
+        return config() if config is not None else {}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -145,11 +168,17 @@ async def serve_http(
                 writer.write(_response("200 OK", b"ok\n"))
             elif path == "/readyz":
                 ok = ready()
+                running = str(config_state().get("hash", ""))
                 writer.write(
-                    _response("200 OK", b"ready\n")
+                    _response("200 OK", f"ready\nconfig {running}\n".encode())
                     if ok
-                    else _response("503 Service Unavailable", b"not ready\n")
+                    else _response(
+                        "503 Service Unavailable", f"not ready\nconfig {running}\n".encode()
+                    )
                 )
+            elif path == "/config":
+                body = json.dumps(config_state(), sort_keys=True).encode() + b"\n"
+                writer.write(_response("200 OK", body, "application/json"))
             elif path == "/metrics":
                 refresh()
                 writer.write(

@@ -49,7 +49,10 @@ _ENHANCED = {
 }
 
 
-def parse_networks(cidrs: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: list[str]) -> list[Network]:
     return [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
 
 
@@ -231,22 +234,42 @@ class RelayHandler:
     def __init__(
         self,
         *,
-        settings: MailSettings,
+        settings: Callable[[], MailSettings],
         hostname: str,
         spool: Spool,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._settings = settings
-        self._hostname = hostname
+        self._current = settings
+        self._default_hostname = hostname
         self._spool = spool
         self._clock = clock
-        self._networks = parse_networks(settings.allowed_networks)
+        self._networks: dict[int, tuple[MailSettings, list[Network]]] = {}
+
+    def settings(self, session: Session) -> MailSettings:
+        """The settings this session began with: read from the live holder once, at its
+        first command, so a reload mid-session never changes the rules under a client."""
+        taken: MailSettings | None = getattr(session, "relay_settings", None)
+        if taken is None:
+            taken = self._current()
+            session.relay_settings = taken  # type: ignore[attr-defined]
+        return taken
+
+    def hostname(self, session: Session) -> str:
+        return self.settings(session).hostname or self._default_hostname
+
+    def _allowed(self, settings: MailSettings) -> list[Network]:
+        cached = self._networks.get(id(settings))
+        if cached is None or cached[0] is not settings:
+            cached = (settings, parse_networks(settings.allowed_networks))
+            self._networks = {id(settings): cached}  # one settings version at a time
+        return cached[1]
 
     def may_relay(self, session: Session) -> bool:
         if session.authenticated:
             return True
         address = client_ip(session.peer)
-        return address is not None and any(address in net for net in self._networks)
+        networks = self._allowed(self.settings(session))
+        return address is not None and any(address in net for net in networks)
 
     def _refuse(self, session: Session, reason: str, reply: str, **fields: Any) -> str:
         METRICS.refused.labels(reason=reason).inc()
@@ -296,7 +319,8 @@ class RelayHandler:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
         if BARE_USER.match(address):
-            if self._settings.default_mail_host is None:
+            default_mail_host = self.settings(session).default_mail_host
+            if default_mail_host is None:
                 return self._refuse(
                     session,
                     "bare_user",
@@ -304,7 +328,7 @@ class RelayHandler:
                     sender=envelope.mail_from,
                     recipient=address,
                 )
-            address = f"{address}@{self._settings.default_mail_host}"
+            address = f"{address}@{default_mail_host}"
         elif not ADDRESS.match(address):
             return self._refuse(
                 session,
@@ -341,7 +365,7 @@ class RelayHandler:
         trace = received_header(
             helo=session.host_name or "",
             peer_ip=peer,
-            hostname=self._hostname,
+            hostname=self.hostname(session),
             protocol=protocol,
             queue_id=queue_id,
             recipient=recipients[0] if len(recipients) == 1 else "",

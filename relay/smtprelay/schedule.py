@@ -14,7 +14,7 @@ import functools
 import heapq
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from smtprelay import bounce
 from smtprelay.config import MailSettings
@@ -25,6 +25,17 @@ from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
 from smtprelay.spool import Busy, Envelope, Spool
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What one delivery attempt works with; replaced whole when relay.yaml or the gateway
+    credentials change, and read once per attempt, so an attempt in flight keeps its own."""
+
+    settings: MailSettings
+    hostname: str
+    resolver: MxResolver
+    credentials: Credentials | None = None
+
+
 class Scheduler:
     """Drives every spooled message to delivered or returned."""
 
@@ -32,17 +43,11 @@ class Scheduler:
         self,
         *,
         spool: Spool,
-        settings: MailSettings,
-        hostname: str,
-        resolver: MxResolver,
-        credentials: Credentials | None = None,
+        setup: Callable[[], Setup],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
-        self._settings = settings
-        self._hostname = hostname
-        self._resolver = resolver
-        self._credentials = credentials
+        self._setup = setup
         self._clock = clock
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
@@ -91,8 +96,8 @@ class Scheduler:
 
     async def run(self) -> None:
         """Start attempts as they fall due, until `stop`."""
-        limit = self._settings.delivery.concurrency
         while not self._stopping:
+            limit = self._setup().settings.delivery.concurrency
             now = self._clock()
             while self._heap and self._heap[0][0] <= now and len(self._active) < limit:
                 due, queue_id = heapq.heappop(self._heap)
@@ -141,7 +146,7 @@ class Scheduler:
         except Exception as error:  # one broken message must not stop the queue
             system_log().exception("attempt_crashed", queue_id=queue_id, error=str(error))
             if self._spool.contains(queue_id):
-                return self._clock() + self._settings.delivery.queue_timer
+                return self._clock() + self._setup().settings.delivery.queue_timer
             return None
 
     async def _attempt_unguarded(self, queue_id: str) -> float | None:
@@ -149,18 +154,20 @@ class Scheduler:
             envelope, data = self._spool.read(queue_id)
         except FileNotFoundError:
             return None  # deleted by an administrator meanwhile
+        setup = self._setup()  # this attempt's settings, whatever a reload does meanwhile
+        settings = setup.settings
         state = self._spool.load_state(queue_id)
         attempt = state.attempts + 1
         pending = state.pending(envelope)
-        groups = group_by_route(self._settings, pending, attempt)
+        groups = group_by_route(settings, pending, attempt)
         started = self._clock()
         outcomes = await asyncio.gather(
             *(
-                self._attempt_route(route, recipients, envelope, data)
+                self._attempt_route(setup, route, recipients, envelope, data)
                 for route, recipients in groups.items()
             )
         )
-        last_try = attempt >= self._settings.delivery.tries
+        last_try = attempt >= settings.delivery.tries
         delivered: set[str] = set()
         failures: list[bounce.Failure] = []
         for route, results in zip(groups, outcomes, strict=True):
@@ -183,7 +190,7 @@ class Scheduler:
                         )
                     )
         if failures:
-            await self._return_to_sender(envelope, data, failures)
+            await self._return_to_sender(setup.hostname, envelope, data, failures)
         new_state = replace(
             state,
             attempts=attempt,
@@ -193,21 +200,26 @@ class Scheduler:
         if not self._spool.contains(queue_id):
             return None
         if new_state.pending(envelope):
-            due = started + self._settings.delivery.queue_timer
+            due = started + settings.delivery.queue_timer
             await asyncio.to_thread(self._spool.defer, queue_id, new_state, due)
             return due
         await asyncio.to_thread(self._spool.remove, queue_id)
         return None
 
     async def _attempt_route(
-        self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: bytes
+        self,
+        setup: Setup,
+        route: Route,
+        recipients: tuple[str, ...],
+        envelope: Envelope,
+        data: bytes,
     ) -> dict[str, Result]:
         credentials = None
         if route.kind == "gateway":
-            addresses = await self._resolver.addresses(route.name)
-            credentials = self._credentials
+            addresses = await setup.resolver.addresses(route.name)
+            credentials = setup.credentials
         else:
-            resolved = await self._resolver.resolve(route.name)
+            resolved = await setup.resolver.resolve(route.name)
             addresses = resolved if isinstance(resolved, ResolveFailure) else resolved.addresses
         if isinstance(addresses, ResolveFailure):
             code = 550 if addresses.permanent else 451
@@ -220,7 +232,7 @@ class Scheduler:
         return await deliver(
             addresses=addresses,
             port=route.port,
-            helo=self._hostname,
+            helo=setup.hostname,
             sender=envelope.sender,
             recipients=recipients,
             data=data,
@@ -228,7 +240,7 @@ class Scheduler:
         )
 
     async def _return_to_sender(
-        self, envelope: Envelope, data: bytes, failures: list[bounce.Failure]
+        self, hostname: str, envelope: Envelope, data: bytes, failures: list[bounce.Failure]
     ) -> None:
         if not envelope.sender:
             mail_log().warning(
@@ -243,7 +255,7 @@ class Scheduler:
             sender=envelope.sender,
             failures=failures,
             headers=bounce.original_headers(data),
-            hostname=self._hostname,
+            hostname=hostname,
             arrival=envelope.received,
             now=self._clock(),
         )

@@ -23,36 +23,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from smtprelay import logs
+from smtprelay import current, logs, reload
 from smtprelay.auth import FailureLimiter, Users, UsersFileError
 from smtprelay.config import RelayConfig, split_hostport
-from smtprelay.deliver import Credentials
 from smtprelay.logs import system_log
 from smtprelay.metrics import METRICS, serve_http
 from smtprelay.receive import RelayHandler, RelaySMTP
-from smtprelay.route import MxResolver
-from smtprelay.schedule import Scheduler
+from smtprelay.reload import Live
+from smtprelay.schedule import Scheduler, Setup
 from smtprelay.spool import PID_FILE, Shard, Spool
 from smtprelay.tlsreload import ReloadingContext
 
 SESSION_GRACE = 20.0
 DELIVERY_GRACE = 20.0
 TERMINATION_GRACE = 30.0  # the operator's terminationGracePeriodSeconds
-
-
-def load_credentials(path: Path | None) -> Credentials | None:
-    """A Secret mounted as a directory (``username``, ``password`` files) or a YAML file."""
-    if path is None:
-        return None
-    if path.is_dir():
-        return Credentials(
-            username=(path / "username").read_text().strip(),
-            password=(path / "password").read_text().strip(),
-        )
-    data = yaml.safe_load(path.read_text())
-    return Credentials(username=str(data["username"]), password=str(data["password"]))
 
 
 class _Sessions:
@@ -68,11 +52,14 @@ class _TrackedSMTP(RelaySMTP):
         self._sessions = sessions
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self not in self._sessions.open:  # STARTTLS calls this again for the same session
+        first = self not in self._sessions.open  # STARTTLS calls this again for the session
+        if first:
             self._sessions.open.add(self)
             METRICS.connections.inc()
             METRICS.connections_open.inc()
         super().connection_made(transport)
+        if first and self.session is not None:
+            self.event_handler.settings(self.session)  # the session's settings, from now on
 
     def connection_lost(self, error: Exception | None) -> None:
         if self in self._sessions.open:
@@ -137,6 +124,7 @@ async def run(
     stop: asyncio.Event | None = None,
     listener: socket.socket | None = None,
     shard: Shard | None = None,
+    source: tuple[Path, reload.Loaded] | None = None,
 ) -> None:
     """Serve until ``stop`` is set (by SIGTERM/SIGINT when not given).
 
@@ -151,7 +139,9 @@ async def run(
     logs.configure(config.logging, spool_dir=config.spool_dir, hostname=hostname)
     log = system_log()
     try:
-        await _serve(config, hostname=hostname, stop=stop, listener=listener, shard=shard)
+        await _serve(
+            config, hostname=hostname, stop=stop, listener=listener, shard=shard, source=source
+        )
     except StartError as error:
         log.error("start_failed", error=str(error))
         raise
@@ -179,7 +169,7 @@ async def _drain(server: asyncio.Server, sessions: _Sessions, scheduler: Schedul
 
 
 def _session_factory(
-    config: RelayConfig,
+    live: Live[RelayConfig],
     *,
     hostname: str,
     spool: Spool,
@@ -187,18 +177,20 @@ def _session_factory(
     tls: ReloadingContext | None,
     users: Users | None,
 ) -> Callable[[], _TrackedSMTP]:
-    """One aiosmtpd protocol per connection, sharing the relay's policy and state."""
-    handler = RelayHandler(settings=config, hostname=hostname, spool=spool)
+    """One aiosmtpd protocol per connection, sharing the relay's policy and state; each
+    connection takes the settings current when it is made."""
+    handler = RelayHandler(settings=live.current, hostname=hostname, spool=spool)
     limiter = FailureLimiter()
 
     def factory() -> _TrackedSMTP:
+        config = live.current()
         return _TrackedSMTP(
             handler,
             sessions=sessions,
             users=users,
             limiter=limiter,
             data_size_limit=config.max_message_size,
-            hostname=hostname,
+            hostname=config.hostname or hostname,
             ident="smtprelay",
             tls_context=tls.current() if tls is not None else None,
             auth_require_tls=True,
@@ -218,6 +210,24 @@ async def _listen(
     return await loop.create_server(factory, host or None, port, reuse_address=True)
 
 
+def _current(
+    config: RelayConfig, *, hostname: str, source: tuple[Path, reload.Loaded] | None
+) -> tuple[Live[RelayConfig], Live[Setup], reload.ConfigWatcher | None]:
+    """The live holders the stages read, and the watcher that swaps them (when the relay
+    was started from a file it can re-read)."""
+    live = Live(config)
+    try:
+        setup = Live(current.setup_for(config, hostname, current.credentials_of(config)))
+    except current.CredentialsError as error:
+        raise StartError(str(error)) from None
+    if source is None:
+        return live, setup, None
+    watcher = current.watch(
+        source, live=live, setup=setup, hostname=hostname, spool_dir=config.spool_dir
+    )
+    return live, setup, watcher
+
+
 async def _serve(
     config: RelayConfig,
     *,
@@ -225,30 +235,20 @@ async def _serve(
     stop: asyncio.Event,
     listener: socket.socket | None,
     shard: Shard | None,
+    source: tuple[Path, reload.Loaded] | None,
 ) -> None:
     alone = listener is None
     loop = asyncio.get_running_loop()
     log = system_log()
     tls = _tls(config)
     users = _users(config)
-    try:
-        credentials = load_credentials(config.gateway.credentials_file)
-    except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
-        raise StartError(
-            f"gateway.credentialsFile: cannot read username and password: {error}"
-        ) from None
+    live, setup, watcher = _current(config, hostname=hostname, source=source)
 
     spool = Spool(config.spool_dir, shard=shard)
     if alone:
         spool.remove_orphans()
         (config.spool_dir / PID_FILE).write_text(f"{os.getpid()}\n")
-    scheduler = Scheduler(
-        spool=spool,
-        settings=config,
-        hostname=hostname,
-        resolver=MxResolver(config.dns_servers),
-        credentials=credentials,
-    )
+    scheduler = Scheduler(spool=spool, setup=setup.current)
     recovered = scheduler.load()
     spool.subscribe(scheduler.notify)
 
@@ -257,7 +257,7 @@ async def _serve(
         config,
         listener,
         _session_factory(
-            config, hostname=hostname, spool=spool, sessions=sessions, tls=tls, users=users
+            live, hostname=hostname, spool=spool, sessions=sessions, tls=tls, users=users
         ),
     )
 
@@ -271,8 +271,15 @@ async def _serve(
     http = None
     if alone:
         metrics_host, metrics_port = split_hostport(config.metrics_listen, 9090)
-        http = await serve_http(metrics_host, metrics_port, ready=ready, refresh=refresh)
+        http = await serve_http(
+            metrics_host,
+            metrics_port,
+            ready=ready,
+            refresh=refresh,
+            config=lambda: current.config_state(watcher),
+        )
     delivery = asyncio.create_task(scheduler.run())
+    watching = asyncio.create_task(watcher.run()) if watcher is not None else None
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -289,12 +296,15 @@ async def _serve(
         worker=None if shard is None else shard.index,
         tls=tls is not None,
         auth=users is not None,
+        config=None if watcher is None else watcher.loaded.hash,
     )
     try:
         await stop.wait()
     finally:
         log.info("stopping", sessions=len(sessions.open))
         began = loop.time()
+        if watching is not None:
+            watching.cancel()
         cut = await _drain(server, sessions, scheduler)
         delivery.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from smtprelay import logs, metrics, service
+from smtprelay import current, logs, metrics, reload, service
 from smtprelay.config import RelayConfig, split_hostport
 from smtprelay.logs import system_log
 from smtprelay.spool import PID_FILE, Shard, Spool
@@ -65,13 +65,20 @@ def worker_count(config: RelayConfig) -> int:
     return config.workers or available_cpus()
 
 
-def serve(config: RelayConfig) -> int:
-    """Run the relay: in this process alone, or as a supervisor of worker processes."""
+Source = tuple[Path, reload.Loaded]
+
+
+def serve(config: RelayConfig, source: Source | None = None) -> int:
+    """Run the relay: in this process alone, or as a supervisor of worker processes.
+
+    ``source`` (the relay.yaml path and what was read from it) lets each process follow
+    changes to the file without a restart.
+    """
     count = worker_count(config)
     if count == 1:
-        asyncio.run(service.run(config))
+        asyncio.run(service.run(config, source=source))
         return 0
-    return _supervise(config, count)
+    return _supervise(config, count, source)
 
 
 def _listen(config: RelayConfig) -> socket.socket:
@@ -80,7 +87,9 @@ def _listen(config: RelayConfig) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=1024)
 
 
-def _fork_worker(config: RelayConfig, listener: socket.socket, shard: Shard, stats: Path) -> int:
+def _fork_worker(
+    config: RelayConfig, listener: socket.socket, shard: Shard, stats: Path, source: Source | None
+) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -88,7 +97,7 @@ def _fork_worker(config: RelayConfig, listener: socket.socket, shard: Shard, sta
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         metrics.enable_multiprocess(stats)
-        asyncio.run(service.run(config, listener=listener, shard=shard))
+        asyncio.run(service.run(config, listener=listener, shard=shard, source=source))
         code = 0
     except service.StartError:
         code = 1
@@ -96,17 +105,20 @@ def _fork_worker(config: RelayConfig, listener: socket.socket, shard: Shard, sta
         os._exit(code)
 
 
-def _supervise(config: RelayConfig, count: int) -> int:
+def _supervise(config: RelayConfig, count: int, source: Source | None) -> int:
     # Everything that must not be shared is done before forking, with no threads running.
     listener = _listen(config)
     spool = Spool(config.spool_dir)
     spool.remove_orphans()
     stats = Path(tempfile.mkdtemp(prefix="smtprelay-metrics-"))
     children = {
-        _fork_worker(config, listener, Shard(index, count), stats): index for index in range(count)
+        _fork_worker(config, listener, Shard(index, count), stats, source): index
+        for index in range(count)
     }
     try:
-        return asyncio.run(_parent(config, spool=spool, children=children, stats=stats))
+        return asyncio.run(
+            _parent(config, spool=spool, children=children, stats=stats, source=source)
+        )
     finally:
         listener.close()
         shutil.rmtree(stats, ignore_errors=True)
@@ -178,7 +190,12 @@ class _Children:
 
 
 async def _parent(
-    config: RelayConfig, *, spool: Spool, children: dict[int, int], stats: Path
+    config: RelayConfig,
+    *,
+    spool: Spool,
+    children: dict[int, int],
+    stats: Path,
+    source: Source | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     hostname = config.hostname or socket.getfqdn()
@@ -197,6 +214,13 @@ async def _parent(
     def ready() -> bool:
         return not workers.stopping and bool(workers.pids) and spool.probe_writable()
 
+    # The workers switch to a new relay.yaml themselves; the supervisor follows the same
+    # file with the same checks only to say on /config and /readyz which one runs.
+    watcher = None
+    if source is not None:
+        watcher = reload.ConfigWatcher(
+            source[0], source[1], on_config=lambda loaded: None, on_refused=lambda refused: None
+        )
     metrics_host, metrics_port = split_hostport(config.metrics_listen, 9090)
     http = await metrics.serve_http(
         metrics_host,
@@ -204,12 +228,16 @@ async def _parent(
         ready=ready,
         refresh=gauges.refresh,
         render=lambda: metrics.multiprocess_exposition(stats, gauges.registry),
+        config=lambda: current.config_state(watcher),
     )
+    watching = asyncio.create_task(watcher.run()) if watcher is not None else None
     (config.spool_dir / PID_FILE).write_text(f"{os.getpid()}\n")
     log.info("supervising", workers=sorted(children.items(), key=lambda item: item[1]))
     try:
         await stop.wait()
     finally:
+        if watching is not None:
+            watching.cancel()
         await workers.stop()
         http.close()
         with contextlib.suppress(FileNotFoundError):
