@@ -53,6 +53,9 @@ def operator(plane: controlplane.ControlPlane, log_path: Path) -> Iterator[None]
             [
                 shutil.which("smtprelay-operator") or "smtprelay-operator",
                 f"--liveness=http://127.0.0.1:{port}/healthz",
+                # kwok's pod runs no relay to ask for its running config: Ready follows
+                # the pod (the relay started below is the demo's stand-in for it).
+                "--relay-config-url=",
             ],
             env=env,
             stdout=log,

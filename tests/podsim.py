@@ -2,10 +2,13 @@
 
 No kubelet runs containers here (kwok only pretends), so the demo and the end-to-end tests
 take the relay container out of the rendered Deployment and run it as a local process: its
-command, arguments and environment as rendered, its ConfigMap volumes written out as files,
-its PersistentVolumeClaim a local directory. Only what a pod gets from its node is replaced:
-mount paths become local directories and the listen addresses become free loopback ports
-(the Service's job in a cluster). Everything else — every relay setting — is the operator's.
+command, arguments and environment as rendered, its ConfigMap volumes written out the way
+the kubelet writes them (`AtomicVolume`, updated by `RelayPod.sync`), its
+PersistentVolumeClaim a local directory. Only what a pod gets from its node is replaced:
+the listen addresses become free loopback ports (the Service's job in a cluster) and the
+spool a local directory, given as command-line overrides so relay.yaml stays byte for byte
+the operator's (its hash is the one the operator expects the relay to report). Secret file
+paths in relay.yaml, if any, are pointed at local copies.
 """
 
 from __future__ import annotations
@@ -76,7 +79,14 @@ class RelayPod:
     env: dict[str, str]
     config_text: str
     log_path: Path
+    volumes: dict[str, AtomicVolume] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def sync(self, config_maps: dict[str, dict[str, Any]]) -> None:
+        """Bring the ConfigMap volumes up to date, as the kubelet does after an update."""
+        for name, volume in self.volumes.items():
+            if name in config_maps:
+                volume.write(dict(config_maps[name].get("data") or {}))
 
     def start(self) -> None:
         self._log = self.log_path.open("ab")
@@ -117,23 +127,22 @@ def _local_mounts(
     config_maps: dict[str, dict[str, Any]],
     workdir: Path,
     spool_dir: Path,
-) -> dict[str, Path]:
-    """Mount path in the pod → local directory, with ConfigMap keys written out as files."""
+) -> tuple[dict[str, Path], dict[str, AtomicVolume]]:
+    """Mount path in the pod → local directory; ConfigMaps as kubelet-style volumes."""
     volumes = {volume["name"]: volume for volume in pod_spec.get("volumes", [])}
     mounts: dict[str, Path] = {}
+    projected: dict[str, AtomicVolume] = {}
     for mount in container.get("volumeMounts", []):
         volume = volumes[mount["name"]]
         local = workdir / "volumes" / mount["name"]
         if "persistentVolumeClaim" in volume:
             local = spool_dir
         elif "configMap" in volume:
-            local.mkdir(parents=True, exist_ok=True)
-            data = config_maps[volume["configMap"]["name"]].get("data", {})
-            for key, text in data.items():
-                (local / key).write_text(text)
+            name = volume["configMap"]["name"]
+            projected[name] = AtomicVolume(local, dict(config_maps[name].get("data") or {}))
         local.mkdir(parents=True, exist_ok=True)
         mounts[mount["mountPath"]] = local
-    return mounts
+    return mounts, projected
 
 
 def _localise(value: str, mounts: dict[str, Path]) -> str:
@@ -149,6 +158,7 @@ def prepare(
     config_maps: dict[str, dict[str, Any]],
     workdir: Path,
     spool_dir: Path | None = None,
+    metrics_port: int | None = None,
 ) -> RelayPod:
     """Everything needed to run the Deployment's relay container here, not yet started."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +166,7 @@ def prepare(
     spool.mkdir(parents=True, exist_ok=True)
     pod_spec = deployment["spec"]["template"]["spec"]
     container = _relay_container(deployment)
-    mounts = _local_mounts(container, pod_spec, config_maps, workdir, spool)
+    mounts, projected = _local_mounts(container, pod_spec, config_maps, workdir, spool)
 
     argv = [
         _localise(arg, mounts) for arg in container.get("command", []) + container.get("args", [])
@@ -169,22 +179,20 @@ def prepare(
     config_path = Path(next(arg for arg in argv if arg.endswith(".yaml")))
 
     # What the node and Service would provide: loopback ports and local paths.
-    smtp_port, metrics_port = free_port(), free_port()
+    smtp_port, metrics_port = free_port(), metrics_port or free_port()
     document = yaml.safe_load(config_path.read_text())
-    document["listen"] = f"127.0.0.1:{smtp_port}"
-    document["metricsListen"] = f"127.0.0.1:{metrics_port}"
-    document["spoolDir"] = _localise(document["spoolDir"], mounts)
-    for section, key in (
-        ("tls", "certFile"),
-        ("tls", "keyFile"),
-        ("auth", "usersFile"),
-        ("gateway", "credentialsFile"),
-    ):
-        if isinstance(document.get(section), dict) and key in document[section]:
-            document[section][key] = _localise(document[section][key], mounts)
-    local_config = workdir / "relay.yaml"
-    local_config.write_text(yaml.safe_dump(document, sort_keys=False))
-    argv = [str(local_config) if Path(arg) == config_path else arg for arg in argv]
+    if _has_secret_paths(document):
+        # Secret paths must point at local copies: relay.yaml is rewritten (its hash then
+        # differs from the operator's), as a plain file.
+        _localise_secret_paths(document, mounts)
+        local_config = workdir / "relay.yaml"
+        local_config.write_text(yaml.safe_dump(document, sort_keys=False))
+        argv = [str(local_config) if Path(arg) == config_path else arg for arg in argv]
+    argv += [
+        f"--listen=127.0.0.1:{smtp_port}",
+        f"--metrics-listen=127.0.0.1:{metrics_port}",
+        f"--spool-dir={_localise(document['spoolDir'], mounts)}",
+    ]
 
     env = dict(os.environ)
     env.update({item["name"]: item.get("value", "") for item in container.get("env", [])})
@@ -197,4 +205,26 @@ def prepare(
         env=env,
         config_text=config_path.read_text(),
         log_path=workdir / "relay.log",
+        volumes=projected,
     )
+
+
+_SECRET_PATHS = (
+    ("tls", "certFile"),
+    ("tls", "keyFile"),
+    ("auth", "usersFile"),
+    ("gateway", "credentialsFile"),
+)
+
+
+def _has_secret_paths(document: dict[str, Any]) -> bool:
+    return any(
+        isinstance(document.get(section), dict) and key in document[section]
+        for section, key in _SECRET_PATHS
+    )
+
+
+def _localise_secret_paths(document: dict[str, Any], mounts: dict[str, Path]) -> None:
+    for section, key in _SECRET_PATHS:
+        if isinstance(document.get(section), dict) and key in document[section]:
+            document[section][key] = _localise(document[section][key], mounts)

@@ -239,8 +239,13 @@ _STATUS: Schema = {
             "minimum": 0,
         },
         "configHash": {
-            "description": "sha256 of the relay.yaml in <name>-config; the pod template "
-            "carries it, so a config change rolls the pod.",
+            "description": "sha256 of the relay.yaml in <name>-config: the configuration of "
+            "observedGeneration. The relay takes it without a restart.",
+            "type": "string",
+        },
+        "runningConfigHash": {
+            "description": "sha256 of the relay.yaml the relay reports it runs (its /config); "
+            "Ready is True only once it equals configHash.",
             "type": "string",
         },
         "readyReplicas": {
@@ -250,8 +255,10 @@ _STATUS: Schema = {
             "minimum": 0,
         },
         "conditions": {
-            "description": "Ready: the relay accepts mail. Progressing: a change is rolling "
-            "out. Degraded: the operator or the Deployment reports a failure.",
+            "description": "Ready: the relay accepts mail with this generation's "
+            "configuration. Reconciling (kstatus): not there yet. Stalled (kstatus): cannot "
+            "get there without a spec change. Progressing: a change is rolling out. Degraded: "
+            "the operator or the Deployment reports a failure.",
             "type": "array",
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
@@ -261,7 +268,7 @@ _STATUS: Schema = {
                 "required": ["type", "status", "lastTransitionTime", "reason", "message"],
                 "properties": {
                     "type": {
-                        "description": "Ready, Progressing or Degraded.",
+                        "description": "Ready, Progressing, Degraded, Reconciling or Stalled.",
                         "type": "string",
                         "maxLength": 316,
                     },

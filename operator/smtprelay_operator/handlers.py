@@ -56,6 +56,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         kube=kube,
         recorder=Recorder(kube, component=api.FIELD_MANAGER, instance=socket.gethostname()),
         defaults=memo.defaults,
+        config_url=getattr(memo, "config_url", ""),
     )
     queue: WorkQueue[RelayKey] = WorkQueue(
         backoff=Backoff(base=getattr(memo, "backoff_base", 1.0), cap=300.0),
@@ -77,7 +78,7 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 def _worker(context: reconcile.Context) -> Any:
-    async def work(key: RelayKey) -> bool | None:
+    async def work(key: RelayKey) -> bool | float | None:
         namespace, name = key
         try:
             return await asyncio.to_thread(reconcile.reconcile, context, namespace, name)

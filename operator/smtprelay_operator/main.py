@@ -13,10 +13,11 @@ from collections.abc import Sequence
 
 import kopf
 
-from smtprelay_operator import handlers, policy, render
+from smtprelay_operator import handlers, policy, relayconfig, render
 
 IMAGE_ENV = "SMTPRELAY_RELAY_IMAGE"
 ALLOWED_IMAGES_ENV = "SMTPRELAY_ALLOWED_IMAGES"
+CONFIG_URL_ENV = "SMTPRELAY_RELAY_CONFIG_URL"
 IMAGE_REPOSITORY = "ghcr.io/smtprelay/smtprelay"
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 # kopf's own log formats, by the names its CLI uses; "full" is kopf's default.
@@ -56,6 +57,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="image patterns (comma-separated, * a wildcard) an SmtpRelay's spec.image may "
         f"name (default: ${ALLOWED_IMAGES_ENV}, else the default relay image's repository "
         "with any tag or digest)",
+    )
+    parser.add_argument(
+        "--relay-config-url",
+        default=None,
+        help="where to ask each relay which relay.yaml it runs ({name} and {namespace} are "
+        f"filled in); Ready waits for it to run the new one. Default: ${CONFIG_URL_ENV}, else "
+        f"{relayconfig.DEFAULT_URL}; empty: do not ask (Ready follows the pod alone)",
     )
     parser.add_argument(
         "--liveness",
@@ -100,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
         namespaced=bool(args.namespace),
         resync=args.resync_interval,
+        config_url=args.relay_config_url
+        if args.relay_config_url is not None
+        else os.environ.get(CONFIG_URL_ENV, relayconfig.DEFAULT_URL),
         workers=max(1, args.workers),
     )
     kopf.run(

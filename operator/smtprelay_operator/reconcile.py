@@ -24,7 +24,7 @@ import yaml
 from kubernetes.client import ApiException
 from smtprelay.config import ConfigError, parse_config
 
-from smtprelay_operator import api, policy, render, status
+from smtprelay_operator import api, policy, relayconfig, render, status
 from smtprelay_operator.events import Involved, Recorder
 from smtprelay_operator.kube import CONFLICT, Kube
 
@@ -71,6 +71,9 @@ class Context:
     recorder: Recorder
     defaults: render.OperatorDefaults
     seen: Seen = dataclasses.field(default_factory=Seen)
+    config_url: str = ""
+    """Where to ask each relay which relay.yaml it runs ({name}, {namespace} filled in);
+    empty: not asked, and Ready follows the Deployment alone."""
     known: set[str] = dataclasses.field(default_factory=set)
     """uids reconciled at least once by this process (logged once, at INFO)."""
 
@@ -95,7 +98,7 @@ def _validate(rendered: render.Rendered) -> str | None:
 Observe = Callable[[Mapping[str, Any]], "status.Observed | None"]
 
 
-def write_status(kube: Kube, relay: Mapping[str, Any], observe: Observe) -> None:
+def write_status(kube: Kube, relay: Mapping[str, Any], observe: Observe) -> dict[str, Any] | None:
     """Compute the status from a fresh read and write it unless it is already so.
 
     The write is conditional on the resourceVersion read, so two writers cannot interleave
@@ -107,33 +110,61 @@ def write_status(kube: Kube, relay: Mapping[str, Any], observe: Observe) -> None
             api.API_VERSION, api.KIND, namespace=meta["namespace"], name=meta["name"]
         )
         if current is None or current["metadata"].get("uid") != meta.get("uid"):
-            return
+            return None
         observed = observe(current)
         if observed is None:
-            return
+            return None
         previous = current.get("status") or {}
         new = status.compute(observed, previous=previous.get("conditions") or [], now=_now())
         if all(previous.get(key) == value for key, value in new.items()):
-            return
+            return new
         try:
             kube.replace_status(current, new)
         except ApiException as error:
             if error.status != CONFLICT:
                 raise
             continue
-        return
+        return new
+    return None
+
+
+def _available(deployment: Mapping[str, Any] | None) -> bool:
+    return int(((deployment or {}).get("status") or {}).get("availableReplicas") or 0) > 0
 
 
 def _observer(
-    kube: Kube, *, generation: int, config_hash: str, failure: status.Failure | None
+    ctx: Context,
+    *,
+    generation: int,
+    config_hash: str,
+    restart_hash: str | None,
+    failure: status.Failure | None,
 ) -> Observe:
     def observe(current: Mapping[str, Any]) -> status.Observed:
         meta = current["metadata"]
-        deployment = kube.get(
+        deployment = ctx.kube.get(
             "apps/v1", "Deployment", namespace=meta["namespace"], name=meta["name"]
         )
+        running = None
+        found = failure
+        if ctx.config_url and failure is None and _available(deployment):
+            url = relayconfig.url_for(
+                ctx.config_url, name=meta["name"], namespace=meta["namespace"]
+            )
+            running, refused, problems = relayconfig.running(url)
+            if refused == config_hash and running.hash != config_hash:
+                found = status.Failure(
+                    reason="ConfigRefused",
+                    message="the relay refused this relay.yaml: " + "; ".join(problems),
+                    stalled=True,
+                )
         return status.Observed(
-            generation=generation, config_hash=config_hash, deployment=deployment, failure=failure
+            generation=generation,
+            config_hash=config_hash,
+            restart_hash=restart_hash,
+            deployment=deployment,
+            failure=found,
+            running=running,
         )
 
     return observe
@@ -196,11 +227,12 @@ def _refusal(ctx: Context, namespace: str, spec: Mapping[str, Any]) -> policy.Re
     return None
 
 
-def reconcile(ctx: Context, namespace: str, name: str) -> bool | None:
+def reconcile(ctx: Context, namespace: str, name: str) -> bool | float | None:
     """Bring one SmtpRelay's objects and status up to date.
 
     Returns True when settled, False when something failed and should be retried with
-    backoff, None when the SmtpRelay no longer exists.
+    backoff, a number of seconds to look again after (waiting for the relay to take the new
+    relay.yaml), None when the SmtpRelay no longer exists.
     """
     relay = ctx.kube.get(api.API_VERSION, api.KIND, namespace=namespace, name=name)
     if relay is None or relay["metadata"].get("deletionTimestamp"):
@@ -218,6 +250,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | None:
         defaults=ctx.defaults,
     )
     applied_hash = str(known.get("configHash") or rendered.config_hash)
+    applied_restart = rendered.restart_hash
 
     problem = _validate(rendered)
     if problem is not None:
@@ -236,7 +269,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | None:
         return _fail(ctx, relay, involved, generation, applied_hash, failure, settled=settled)
 
     failures = _apply_children(ctx, rendered, involved, caught_up=caught_up)
-    if not any(f.startswith(("Deployment", "applying Deployment")) for f in failures):
+    if not any(f.startswith("applying ConfigMap") for f in failures):
         applied_hash = rendered.config_hash
     if failures:
         failure = status.Failure(reason="ApplyFailed", message="; ".join(failures))
@@ -258,15 +291,33 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | None:
             generation,
             rendered.config_hash[:12],
         )
-    write_status(
+    written = write_status(
         ctx.kube,
         relay,
-        _observer(ctx.kube, generation=generation, config_hash=applied_hash, failure=None),
+        _observer(
+            ctx,
+            generation=generation,
+            config_hash=applied_hash,
+            restart_hash=applied_restart,
+            failure=None,
+        ),
     )
     if meta["uid"] not in ctx.known:
         ctx.known.add(meta["uid"])
         _log.info("%s/%s: reconciled %s (generation %s)", namespace, name, name, generation)
+    if written is not None and _waiting_for_relay(written):
+        return CONFIG_POLL  # look again soon: nothing else will say when the relay switched
     return True
+
+
+CONFIG_POLL = 5.0
+
+
+def _waiting_for_relay(computed: Mapping[str, Any]) -> bool:
+    return any(
+        c.get("type") == status.READY and c.get("reason") == "ConfigPending"
+        for c in computed.get("conditions") or []
+    )
 
 
 def _fail(
@@ -288,6 +339,12 @@ def _fail(
     write_status(
         ctx.kube,
         relay,
-        _observer(ctx.kube, generation=generation, config_hash=applied_hash, failure=failure),
+        _observer(
+            ctx,
+            generation=generation,
+            config_hash=applied_hash,
+            restart_hash=None,
+            failure=failure,
+        ),
     )
     return settled

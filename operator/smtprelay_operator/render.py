@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
-from smtprelay.config import MailSettings, RelayConfig
+from smtprelay.config import RESTART_ONLY_FIELDS, MailSettings, RelayConfig
 
 from smtprelay_operator import api
 
@@ -75,12 +75,16 @@ class Rendered:
     deployment: Object
     pvc: Object
     service: Object
+    metrics_service: Object
     relay_yaml: str
     config_hash: str
+    restart_hash: str
+    """The hash of what the relay takes only at start (its listen addresses, spool, workers,
+    TLS/AUTH files): the pod template carries it, so only such a change rolls the pod."""
 
     def objects(self) -> tuple[Object, ...]:
         """In apply order: what the pod mounts exists before the Deployment asks for it."""
-        return (self.config_map, self.pvc, self.service, self.deployment)
+        return (self.config_map, self.pvc, self.service, self.metrics_service, self.deployment)
 
 
 def labels(name: str) -> dict[str, str]:
@@ -168,6 +172,13 @@ def config_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def restart_hash(document: Mapping[str, Any]) -> str:
+    """sha256 of the relay.yaml fields a running relay cannot change (RESTART_ONLY_FIELDS)."""
+    keys = [RelayConfig.model_fields[name].alias or name for name in RESTART_ONLY_FIELDS]
+    part = {key: document[key] for key in keys if key in document}
+    return config_hash(yaml.safe_dump(part, sort_keys=True))
+
+
 def _sorted(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
     """A user's map in key order, so the rendered object does not depend on input order."""
     items = mapping or {}
@@ -201,15 +212,17 @@ def render(
     """The four objects for SmtpRelay ``namespace/name``; ``owner`` None leaves out ownerRefs."""
     document = relay_config(name=name, namespace=namespace, spec=spec)
     text = relay_yaml(document)
-    digest = config_hash(text)
+    restart = restart_hash(document)
     spool_owner = None if retains_spool(spec) else owner
     return Rendered(
         config_map=_config_map(name, namespace, owner, text),
-        deployment=_deployment(name, namespace, owner, spec, defaults, digest),
+        deployment=_deployment(name, namespace, owner, spec, defaults, restart),
         pvc=_pvc(name, namespace, spool_owner, spec),
         service=_service(name, namespace, owner, spec),
+        metrics_service=_metrics_service(name, namespace, owner),
         relay_yaml=text,
-        config_hash=digest,
+        config_hash=config_hash(text),
+        restart_hash=restart,
     )
 
 
@@ -261,6 +274,36 @@ def _service(name: str, namespace: str, owner: Owner | None, spec: Mapping[str, 
         "kind": "Service",
         "metadata": _metadata(name, relay=name, namespace=namespace, owner=owner),
         "spec": body,
+    }
+
+
+def metrics_service_name(name: str) -> str:
+    return f"{name}-metrics"
+
+
+def _metrics_service(name: str, namespace: str, owner: Owner | None) -> Object:
+    """Headless, in-cluster only (never behind the SMTP Service's LoadBalancer): /metrics
+    for Prometheus, /config for the operator to read which relay.yaml runs. Not-ready pods
+    are listed too: a relay that is not ready is the one whose metrics matter."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(
+            metrics_service_name(name), relay=name, namespace=namespace, owner=owner
+        ),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector(name),
+            "ports": [
+                {
+                    "name": "metrics",
+                    "protocol": "TCP",
+                    "port": METRICS_PORT,
+                    "targetPort": "metrics",
+                }
+            ],
+        },
     }
 
 
@@ -335,7 +378,9 @@ def _deployment(
 ) -> Object:
     volumes, mounts = _volumes(name, spec)
     annotations = _sorted(spec.get("podAnnotations"))
-    annotations[api.CONFIG_HASH_ANNOTATION] = digest  # ours wins: it is what rolls the pod
+    # Ours wins: it is what rolls the pod. Mail settings are not in it: the relay takes a
+    # new relay.yaml live (the kubelet updates the mounted ConfigMap), without a restart.
+    annotations[api.RESTART_HASH_ANNOTATION] = digest
     pod: Object = {
         "automountServiceAccountToken": False,  # the relay never talks to the API server
         "enableServiceLinks": False,

@@ -40,6 +40,14 @@ class Failure:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Running:
+    """What the relay said about the relay.yaml it runs (its /config), or why it could not."""
+
+    hash: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Observed:
     """The facts one status is computed from."""
 
@@ -49,6 +57,12 @@ class Observed:
     """The hash of the relay.yaml last applied (kept when a newer spec could not be)."""
     deployment: Mapping[str, Any] | None
     """The live Deployment, or None when it does not exist."""
+    restart_hash: str | None = None
+    """The restart hash of the pod template applied; None: whatever the Deployment has
+    (nothing new was applied)."""
+    running: Running | None = None
+    """What the relay runs; None when the operator does not ask (then Ready follows the
+    Deployment alone)."""
     failure: Failure | None = None
     """Why the operator could not apply this generation, if it could not."""
 
@@ -83,7 +97,7 @@ def _rollout(observed: Observed) -> tuple[_Verdict, _Verdict]:
     template = spec.get("template", {}).get("metadata", {}).get("annotations") or {}
     current = (
         int(state.get("observedGeneration", 0)) >= int(deployment["metadata"].get("generation", 0))
-        and template.get(api.CONFIG_HASH_ANNOTATION) == observed.config_hash
+        and observed.restart_hash in (None, template.get(api.RESTART_HASH_ANNOTATION))
         and int(state.get("updatedReplicas", 0)) == desired
         and int(state.get("replicas", 0)) == desired
     )
@@ -103,8 +117,23 @@ def _rollout(observed: Observed) -> tuple[_Verdict, _Verdict]:
             _Verdict("False", "PodNotReady", "the relay pod is not ready yet"),
             _Verdict("True", "WaitingForPod", "waiting for the relay pod to become ready"),
         )
+    running = observed.running
+    if running is not None and running.hash != observed.config_hash:
+        said = (
+            f"cannot ask the relay which config it runs: {running.error}"
+            if running.error
+            else f"the relay runs config {str(running.hash)[:12]}"
+        )
+        message = (
+            f"{said}; waiting for it to take {observed.config_hash[:12]} (the kubelet "
+            "updates the mounted ConfigMap within about a minute)"
+        )
+        return (
+            _Verdict("False", "ConfigPending", message),
+            _Verdict("True", "ConfigPending", message),
+        )
     return (
-        _Verdict("True", "Available", "the relay is accepting mail"),
+        _Verdict("True", "Available", "the relay is accepting mail with this configuration"),
         _Verdict("False", "RolloutComplete", "the current configuration is running"),
     )
 
@@ -189,7 +218,7 @@ def compute(
         STALLED: stalled,
     }
     deployment_status = (observed.deployment or {}).get("status", {})
-    return {
+    result: dict[str, Any] = {
         "observedGeneration": observed.generation,
         "configHash": observed.config_hash,
         "readyReplicas": int(deployment_status.get("readyReplicas", 0)),
@@ -200,3 +229,6 @@ def compute(
             for kind in CONDITION_TYPES
         ],
     }
+    if observed.running is not None and observed.running.hash:
+        result["runningConfigHash"] = observed.running.hash
+    return result

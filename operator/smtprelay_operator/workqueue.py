@@ -85,9 +85,12 @@ class WorkQueue(Generic[Key]):
     def failures(self, key: Key) -> int:
         return self._failures.get(key, 0)
 
-    def _done(self, key: Key, *, failed: bool, forget: bool) -> None:
+    def _done(self, key: Key, *, failed: bool, forget: bool, after: float | None = None) -> None:
         self._active.discard(key)
-        if forget:
+        if after is not None:
+            self._failures.pop(key, None)
+            self.add_after(key, after)
+        elif forget:
             self._failures.pop(key, None)
             self._due.pop(key, None)
         elif failed:
@@ -129,14 +132,19 @@ class WorkQueue(Generic[Key]):
                 key = await self._ready.get()
                 self._queued.discard(key)
                 self._active.add(key)
-                outcome: bool | None = False
+                outcome: bool | float | None = False
                 try:
                     outcome = await work(key)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     outcome = False
-                self._done(key, failed=outcome is False, forget=outcome is None)
+                after = (
+                    float(outcome)
+                    if isinstance(outcome, int | float) and not isinstance(outcome, bool)
+                    else None
+                )
+                self._done(key, failed=outcome is False, forget=outcome is None, after=after)
 
         tasks = [asyncio.create_task(self._promote())]
         tasks += [asyncio.create_task(worker()) for _ in range(workers)]

@@ -21,6 +21,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the relay until SIGTERM")
     serve.add_argument("--config", type=Path, required=True, help="path to relay.yaml")
+    # Where the process listens and spools, overriding relay.yaml (e.g. to run a pod's file
+    # elsewhere); the config hash stays that of the file, and a reload keeps the overrides.
+    serve.add_argument("--listen", help="SMTP address, instead of relay.yaml's listen")
+    serve.add_argument("--metrics-listen", help="instead of relay.yaml's metricsListen")
+    serve.add_argument("--spool-dir", help="instead of relay.yaml's spoolDir")
 
     check = commands.add_parser("check-config", help="validate relay.yaml and exit")
     check.add_argument("--config", type=Path, required=True, help="path to relay.yaml")
@@ -128,14 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from smtprelay import reload, service, workers  # only needed to serve
 
+        overrides = {
+            key: value
+            for key, value in (
+                ("listen", args.listen),
+                ("metricsListen", args.metrics_listen),
+                ("spoolDir", args.spool_dir),
+            )
+            if value is not None
+        }
         try:
-            loaded = reload.load(args.config)
+            loaded = reload.load(args.config, overrides)
         except ConfigError as error:
             for problem in error.problems:
                 print(f"{args.config}: {problem}", file=sys.stderr)
             return 1
         try:
-            return workers.serve(loaded.config, (args.config, loaded))
+            return workers.serve(loaded.config, (args.config, loaded, overrides))
         except service.StartError:
             return 1  # already logged, naming the file or setting
     return _queue(args)

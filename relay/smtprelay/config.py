@@ -331,6 +331,12 @@ class RelayConfig(MailSettings):
     auth: AuthFiles | None = None
 
 
+# What a running relay cannot take from a new relay.yaml: sockets, the spool, the process
+# count and the mounted TLS/AUTH files. Everything else (the mail settings) changes live;
+# the operator rolls the pod only when one of these changes.
+RESTART_ONLY_FIELDS = ("listen", "spool_dir", "metrics_listen", "workers", "tls", "auth")
+
+
 class ConfigError(Exception):
     """relay.yaml is unusable; ``problems`` holds one line per problem, naming the field."""
 

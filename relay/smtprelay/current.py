@@ -68,7 +68,7 @@ def credential_files(config: RelayConfig) -> list[Path]:
 
 
 def watch(
-    source: tuple[Path, reload.Loaded],
+    source: reload.Source,
     *,
     live: Live[RelayConfig],
     setup: Live[Setup],
@@ -78,7 +78,7 @@ def watch(
     """A watcher that switches ``live`` and ``setup`` to each valid new relay.yaml, and
     ``setup`` to new gateway credentials."""
     log = system_log()
-    path, loaded = source
+    path, loaded, overrides = source
     running = {"hash": loaded.hash}
 
     def switched(new: reload.Loaded) -> None:
@@ -119,6 +119,7 @@ def watch(
     return reload.ConfigWatcher(
         path,
         loaded,
+        overrides=overrides,
         on_config=switched,
         on_refused=refused,
         companions=credential_files,

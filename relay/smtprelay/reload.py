@@ -21,17 +21,17 @@ import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import yaml
 
-from smtprelay.config import ConfigError, RelayConfig, parse_config
+from smtprelay.config import RESTART_ONLY_FIELDS, ConfigError, RelayConfig, parse_config
 
 T = TypeVar("T")
 
-RESTART_ONLY = ("listen", "spool_dir", "metrics_listen", "workers", "tls", "auth")
+RESTART_ONLY = RESTART_ONLY_FIELDS
 Stamp = tuple[tuple[int, int, int], ...]
 
 
@@ -56,12 +56,20 @@ class Loaded:
     hash: str
 
 
+Source = tuple[Path, Loaded, Mapping[str, Any]]
+"""Where the settings came from: the file, what was read from it, command-line overrides."""
+
+
 def config_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load(path: Path) -> Loaded:
-    """Read, hash and validate relay.yaml; ConfigError names every problem."""
+def load(path: Path, overrides: Mapping[str, Any] | None = None) -> Loaded:
+    """Read, hash and validate relay.yaml; ConfigError names every problem.
+
+    ``overrides`` (top-level keys, from the command line) replace the file's values; the
+    hash stays that of the file's bytes.
+    """
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -70,6 +78,8 @@ def load(path: Path) -> Loaded:
         document = yaml.safe_load(data)
     except yaml.YAMLError as error:
         raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
+    if overrides and isinstance(document, dict):
+        document = {**document, **overrides}
     return Loaded(parse_config(document), config_hash(data))
 
 
@@ -113,6 +123,7 @@ class ConfigWatcher:
         path: Path,
         loaded: Loaded,
         *,
+        overrides: Mapping[str, Any] | None = None,
         on_config: Callable[[Loaded], None],
         on_refused: Callable[[Refused], None],
         companions: Callable[[RelayConfig], list[Path]] = lambda config: [],
@@ -121,6 +132,7 @@ class ConfigWatcher:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._path = path
+        self._overrides = dict(overrides or {})
         self.loaded = loaded
         self.loaded_at = clock()
         self.refused: Refused | None = None
@@ -146,7 +158,7 @@ class ConfigWatcher:
 
     def _reload(self) -> None:
         try:
-            candidate = load(self._path)
+            candidate = load(self._path, self._overrides)
         except ConfigError as error:
             data = b""
             with contextlib.suppress(OSError):

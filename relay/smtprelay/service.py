@@ -20,7 +20,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from smtprelay import current, logs, reload
@@ -124,7 +123,7 @@ async def run(
     stop: asyncio.Event | None = None,
     listener: socket.socket | None = None,
     shard: Shard | None = None,
-    source: tuple[Path, reload.Loaded] | None = None,
+    source: reload.Source | None = None,
 ) -> None:
     """Serve until ``stop`` is set (by SIGTERM/SIGINT when not given).
 
@@ -211,7 +210,7 @@ async def _listen(
 
 
 def _current(
-    config: RelayConfig, *, hostname: str, source: tuple[Path, reload.Loaded] | None
+    config: RelayConfig, *, hostname: str, source: reload.Source | None
 ) -> tuple[Live[RelayConfig], Live[Setup], reload.ConfigWatcher | None]:
     """The live holders the stages read, and the watcher that swaps them (when the relay
     was started from a file it can re-read)."""
@@ -235,7 +234,7 @@ async def _serve(
     stop: asyncio.Event,
     listener: socket.socket | None,
     shard: Shard | None,
-    source: tuple[Path, reload.Loaded] | None,
+    source: reload.Source | None,
 ) -> None:
     alone = listener is None
     loop = asyncio.get_running_loop()

@@ -65,10 +65,7 @@ def worker_count(config: RelayConfig) -> int:
     return config.workers or available_cpus()
 
 
-Source = tuple[Path, reload.Loaded]
-
-
-def serve(config: RelayConfig, source: Source | None = None) -> int:
+def serve(config: RelayConfig, source: reload.Source | None = None) -> int:
     """Run the relay: in this process alone, or as a supervisor of worker processes.
 
     ``source`` (the relay.yaml path and what was read from it) lets each process follow
@@ -88,7 +85,11 @@ def _listen(config: RelayConfig) -> socket.socket:
 
 
 def _fork_worker(
-    config: RelayConfig, listener: socket.socket, shard: Shard, stats: Path, source: Source | None
+    config: RelayConfig,
+    listener: socket.socket,
+    shard: Shard,
+    stats: Path,
+    source: reload.Source | None,
 ) -> int:
     pid = os.fork()
     if pid:
@@ -105,7 +106,7 @@ def _fork_worker(
         os._exit(code)
 
 
-def _supervise(config: RelayConfig, count: int, source: Source | None) -> int:
+def _supervise(config: RelayConfig, count: int, source: reload.Source | None) -> int:
     # Everything that must not be shared is done before forking, with no threads running.
     listener = _listen(config)
     spool = Spool(config.spool_dir)
@@ -195,7 +196,7 @@ async def _parent(
     spool: Spool,
     children: dict[int, int],
     stats: Path,
-    source: Source | None,
+    source: reload.Source | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     hostname = config.hostname or socket.getfqdn()
@@ -219,7 +220,11 @@ async def _parent(
     watcher = None
     if source is not None:
         watcher = reload.ConfigWatcher(
-            source[0], source[1], on_config=lambda loaded: None, on_refused=lambda refused: None
+            source[0],
+            source[1],
+            overrides=source[2],
+            on_config=lambda loaded: None,
+            on_refused=lambda refused: None,
         )
     metrics_host, metrics_port = split_hostport(config.metrics_listen, 9090)
     http = await metrics.serve_http(

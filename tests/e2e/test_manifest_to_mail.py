@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from tests import podsim
+from tests.cluster.controlplane import ControlPlane
 from tests.e2e.conftest import GATEWAY_HOST, MailWorld
-from tests.operator.support import Cluster, Operator, relay_manifest, wait_for
-from tests.relay.mail import send
+from tests.operator.support import (
+    Cluster,
+    Operator,
+    relay_manifest,
+    running_operator,
+    wait_for,
+)
+from tests.peers import free_port
+from tests.relay.mail import Sender, send
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,32 +37,41 @@ def _rendering(cluster: Cluster, name: str) -> tuple[dict[str, Any], dict[str, A
     return cluster.must_get("deployment", name), cluster.must_get("configmap", f"{name}-config")
 
 
-def _pod(cluster: Cluster, name: str, workdir: Path, spool: Path) -> podsim.RelayPod:
-    deployment, config_map = _rendering(cluster, name)
-    pod = podsim.prepare(
-        deployment=deployment,
-        config_maps={config_map["metadata"]["name"]: config_map},
-        workdir=workdir,
-        spool_dir=spool,
-    )
-    pod.start()
-    return pod
-
-
 def _template_hash(deployment: dict[str, Any]) -> str:
     annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
     [value] = [v for k, v in annotations.items() if "hash" in k]
     return str(value)
 
 
+def _condition(cluster: Cluster, name: str, kind: str) -> dict[str, Any]:
+    relay = cluster.get("smtprelay", name) or {}
+    for item in relay.get("status", {}).get("conditions", []):
+        if item["type"] == kind:
+            found: dict[str, Any] = item
+            return found
+    return {}
+
+
 class TestManifestToMail:
-    def test_applied_relay_delivers_then_follows_an_edit_to_the_gateway(
-        self, cluster: Cluster, operator: Operator, mail_world: MailWorld, tmp_path: Path
+    def test_applied_relay_delivers_then_takes_a_gateway_change_live(
+        self,
+        control_plane: ControlPlane,
+        cluster: Cluster,
+        mail_world: MailWorld,
+        tmp_path: Path,
     ) -> None:
-        """Apply → Ready → relay from the rendering delivers to the MX; edit to sendAll via a
-        gateway → new ConfigMap and pod hash → the restarted relay delivers through the
-        gateway, including a message queued before the restart."""
+        """Apply → the relay from the rendering runs → Ready once it reports the config's
+        hash → delivers to the MX. Then, while a client sends every 100 ms, an edit to
+        sendAll via a gateway: Reconciling until the relay (same process, same pod template)
+        reports the new hash, then Ready for the new generation; no connection refused,
+        nothing lost, the message queued before the change leaves through the gateway."""
         name = "e2e"
+        metrics_port = free_port()
+        asks = f"--relay-config-url=http://127.0.0.1:{metrics_port}/config"
+        operator = Operator(
+            control_plane, cluster.namespace, tmp_path / "operator", extra_args=(asks,)
+        )
+        (tmp_path / "operator").mkdir()
         cluster.spool_volume(name)
         spec = {
             "hostname": "e2e.example.com",
@@ -62,13 +79,43 @@ class TestManifestToMail:
             "delivery": {"port": mail_world.port, "queueTimer": "2s"},
             "logging": {"target": "stdout"},
         }
-        result = cluster.apply(relay_manifest(name, spec))
-        assert result.returncode == 0, result.stderr
-        wait_for(lambda: _ready(cluster, name), timeout=90, what="the SmtpRelay to be Ready")
+        with running_operator(operator):
+            result = cluster.apply(relay_manifest(name, spec))
+            assert result.returncode == 0, result.stderr
+            wait_for(
+                lambda: _condition(cluster, name, "Ready").get("reason") == "ConfigPending",
+                timeout=90,
+                what="the operator to wait for the relay to report its config",
+            )
+            spool = tmp_path / "spool"
+            mx = mail_world.start_mx()
+            deployment, config_map = _rendering(cluster, name)
+            config_maps = {config_map["metadata"]["name"]: config_map}
+            pod = podsim.prepare(
+                deployment=deployment,
+                config_maps=config_maps,
+                workdir=tmp_path / "pod",
+                spool_dir=spool,
+                metrics_port=metrics_port,
+            )
+            pod.start()
+            try:
+                self._story(cluster, name, pod, mx, mail_world, deployment)
+            finally:
+                pod.stop()
 
-        spool = tmp_path / "spool"
-        mx = mail_world.start_mx()
-        pod = _pod(cluster, name, tmp_path / "pod-1", spool)
+    def _story(
+        self,
+        cluster: Cluster,
+        name: str,
+        pod: podsim.RelayPod,
+        mx: Any,
+        mail_world: MailWorld,
+        deployment: dict[str, Any],
+    ) -> None:
+        wait_for(lambda: _ready(cluster, name), timeout=60, what="Ready once the relay reports")
+        relay = cluster.must_get("smtprelay", name)
+        assert relay["status"]["runningConfigHash"] == relay["status"]["configHash"]
         send(pod.smtp_port, "app@e2e.example.com", ["bob@example.test"], subject="first")
         [got] = mx.wait_for_messages()
         assert got.message["Subject"] == "first"
@@ -78,37 +125,45 @@ class TestManifestToMail:
         mail_world.stop_mx()
         send(pod.smtp_port, "app@e2e.example.com", ["carol@example.test"], subject="queued")
         wait_for(lambda: len(pod.queued()) == 1, timeout=20, what="the message to be queued")
-        old_deployment, old_config = _rendering(cluster, name)
 
-        cluster.patch(
-            "smtprelay",
-            name,
-            {"spec": {"gateway": {"host": f"{GATEWAY_HOST}:{mail_world.port}", "sendAll": True}}},
-        )
-
-        def rerendered() -> bool:
-            deployment, config = _rendering(cluster, name)
-            return config["data"] != old_config["data"] and _template_hash(
-                deployment
-            ) != _template_hash(old_deployment)
-
-        wait_for(rerendered, timeout=60, what="a new ConfigMap and pod-template hash")
-        new_config = cluster.must_get("configmap", f"{name}-config")["data"]["relay.yaml"]
-        assert f"host: {GATEWAY_HOST}:{mail_world.port}" in new_config
-        assert "sendAll: true" in new_config
-
-        assert pod.stop() == 0  # the rollout: SIGTERM, then a new pod on the same volume
-        assert len(pod.queued()) == 1
-        pod = _pod(cluster, name, tmp_path / "pod-2", spool)
+        sender = Sender(pod.smtp_port)
         try:
-            [queued] = mail_world.gateway.wait_for_messages(timeout=30)
-            assert queued.message["Subject"] == "queued"
-            send(pod.smtp_port, "app@e2e.example.com", ["dave@example.test"], subject="after")
-            got_all = mail_world.gateway.wait_for_messages(2, timeout=30)
-            assert [m.message["Subject"] for m in got_all] == ["queued", "after"]
-            wait_for(lambda: pod.queued() == [], timeout=20, what="the spool to empty")
+            generation = relay["metadata"]["generation"]
+            cluster.patch(
+                "smtprelay",
+                name,
+                {
+                    "spec": {
+                        "gateway": {"host": f"{GATEWAY_HOST}:{mail_world.port}", "sendAll": True}
+                    }
+                },
+            )
+
+            def reconciling() -> bool:
+                current = cluster.must_get("smtprelay", name)
+                return current["status"].get("observedGeneration") == generation + 1 and (
+                    _condition(cluster, name, "Reconciling").get("status") == "True"
+                )
+
+            wait_for(reconciling, timeout=60, what="Reconciling for the new generation")
+            assert _condition(cluster, name, "Ready")["status"] == "False"
+            new_deployment, new_config = _rendering(cluster, name)
+            assert _template_hash(new_deployment) == _template_hash(deployment), "no roll"
+            assert "sendAll: true" in new_config["data"]["relay.yaml"]
+
+            pod.sync({new_config["metadata"]["name"]: new_config})  # the kubelet's update
+            wait_for(lambda: _ready(cluster, name), timeout=60, what="Ready for the new config")
+            relay = cluster.must_get("smtprelay", name)
+            assert relay["status"]["runningConfigHash"] == relay["status"]["configHash"]
+            assert _condition(cluster, name, "Ready")["observedGeneration"] == generation + 1
+            wait_for(lambda: len(sender.sent) >= 10, timeout=30, what="mail during the change")
         finally:
-            pod.stop()
+            sender.stop()
+        assert sender.errors == []
+        subjects = {"queued", *sender.sent}
+        got_all = mail_world.gateway.wait_for_messages(len(subjects), timeout=60)
+        assert {str(m.message["Subject"]) for m in got_all} == subjects
+        wait_for(lambda: pod.queued() == [], timeout=20, what="the spool to empty")
 
 
 class TestExamples:

@@ -160,7 +160,11 @@ class Operator:
         log_dir: Path,
         *,
         kubeconfig: Path | None = None,
+        extra_args: tuple[str, ...] = ("--relay-config-url=",),
     ) -> None:
+        """``extra_args``: by default the operator does not ask relays for their running
+        config (kwok's pods run nothing); a test with a relay process gives its URL."""
+        self.extra_args = extra_args
         self.plane = plane
         self.namespace = namespace
         self.log_dir = log_dir
@@ -185,6 +189,7 @@ class Operator:
                 self.namespace,
                 f"--liveness=http://127.0.0.1:{port}/healthz",
                 "--verbose",
+                *self.extra_args,
             ],
             env=env,
             log_path=self.log_path,
@@ -248,9 +253,10 @@ def relay_yaml(cluster: Cluster, name: str) -> dict[str, Any]:
 
 
 def template_hash(cluster: Cluster, name: str) -> str:
+    """The pod template's restart hash: it changes only when the pod must roll."""
     deployment = cluster.must_get("deployment", name)
     return str(
-        deployment["spec"]["template"]["metadata"]["annotations"][api.CONFIG_HASH_ANNOTATION]
+        deployment["spec"]["template"]["metadata"]["annotations"][api.RESTART_HASH_ANNOTATION]
     )
 
 

@@ -121,12 +121,34 @@ class TestConfigMap:
 
 
 class TestConfigHash:
-    def test_hash_is_sha256_of_relay_yaml_and_on_the_pod_template(self) -> None:
-        """The pod template carries the hash, so a config change rolls the pod."""
+    def test_hash_is_sha256_of_relay_yaml_and_not_on_the_pod_template(self) -> None:
+        """configHash is the sha256 of relay.yaml; the pod template carries only the restart
+        hash, so a mail-settings change reaches the relay without a new pod."""
         rendered = make(FULL_SPEC)
         annotations = rendered.deployment["spec"]["template"]["metadata"]["annotations"]
         assert rendered.config_hash == render.config_hash(rendered.relay_yaml)
-        assert annotations[api.CONFIG_HASH_ANNOTATION] == rendered.config_hash
+        assert annotations[api.RESTART_HASH_ANNOTATION] == rendered.restart_hash
+        assert rendered.config_hash not in annotations.values()
+
+    def test_mail_settings_change_keeps_the_pod_template(self) -> None:
+        """Gateway, tries, timer, logging, networks: a new relay.yaml, the same pod template."""
+        before = make({"gateway": {"host": "a.example.com"}})
+        after = make(
+            {
+                "gateway": {"host": "b.example.com", "sendAll": True},
+                "delivery": {"tries": 5, "queueTimer": "1m"},
+                "logging": {"target": "stdout", "debug": True},
+                "allowedNetworks": ["10.1.0.0/16"],
+            }
+        )
+        assert before.config_hash != after.config_hash
+        assert before.deployment == after.deployment
+
+    def test_what_needs_a_restart_rolls_the_pod(self) -> None:
+        """workers, or a TLS certificate (new files and mounts), change the restart hash."""
+        base = make({}).restart_hash
+        assert make({"workers": 2}).restart_hash != base
+        assert make({"tls": {"secretName": "cert"}}).restart_hash != base
 
     def test_hash_changes_with_the_config(self) -> None:
         """Changing the gateway host changes the hash."""
@@ -140,10 +162,10 @@ class TestConfigHash:
         assert make({"suspended": True, "storage": {"size": "9Gi"}}).config_hash == base
 
     def test_pod_annotations_cannot_override_the_hash(self) -> None:
-        """A user's podAnnotations never replace the config hash."""
-        rendered = make({"podAnnotations": {api.CONFIG_HASH_ANNOTATION: "mine"}})
+        """A user's podAnnotations never replace the restart hash."""
+        rendered = make({"podAnnotations": {api.RESTART_HASH_ANNOTATION: "mine"}})
         annotations = rendered.deployment["spec"]["template"]["metadata"]["annotations"]
-        assert annotations[api.CONFIG_HASH_ANNOTATION] == rendered.config_hash
+        assert annotations[api.RESTART_HASH_ANNOTATION] == rendered.restart_hash
 
 
 class TestDeployment:

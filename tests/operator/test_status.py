@@ -26,7 +26,7 @@ def deployment(
         "metadata": {"generation": generation},
         "spec": {
             "replicas": replicas,
-            "template": {"metadata": {"annotations": {api.CONFIG_HASH_ANNOTATION: config_hash}}},
+            "template": {"metadata": {"annotations": {api.RESTART_HASH_ANNOTATION: config_hash}}},
         },
         "status": {
             "observedGeneration": observed,
@@ -43,6 +43,7 @@ def observe(live: dict[str, Any] | None, **overrides: Any) -> status.Observed:
     facts: dict[str, Any] = {
         "generation": 3,
         "config_hash": HASH,
+        "restart_hash": HASH,
         "deployment": live,
     }
     facts.update(overrides)
@@ -171,6 +172,34 @@ class TestKstatus:
         conditions = by_type(status.compute(observe(live), previous=[], now=T0))
         assert conditions["Stalled"]["reason"] == "ProgressDeadlineExceeded"
         assert conditions["Reconciling"]["status"] == "False"
+
+
+class TestRunningConfig:
+    """Ready for a generation only once the relay says it runs that relay.yaml."""
+
+    def test_relay_still_on_the_old_config_is_pending(self) -> None:
+        """The pod is ready but reports another hash: Ready False, Reconciling True."""
+        facts = observe(deployment(), config_hash="new", running=status.Running(hash="old"))
+        computed = status.compute(facts, previous=[], now=T0)
+        conditions = by_type(computed)
+        assert conditions["Ready"]["status"] == "False"
+        assert conditions["Ready"]["reason"] == "ConfigPending"
+        assert conditions["Reconciling"]["status"] == "True"
+        assert computed["runningConfigHash"] == "old"
+
+    def test_relay_on_the_new_config_is_ready(self) -> None:
+        """The relay reports the applied hash: Ready True, Reconciling False."""
+        facts = observe(deployment(), config_hash="new", running=status.Running(hash="new"))
+        conditions = by_type(status.compute(facts, previous=[], now=T0))
+        assert conditions["Ready"]["status"] == "True"
+        assert conditions["Reconciling"]["status"] == "False"
+
+    def test_relay_that_cannot_be_asked_is_pending_with_the_reason(self) -> None:
+        """No answer from /config: not Ready, and the message says why."""
+        facts = observe(deployment(), running=status.Running(error="connection refused"))
+        conditions = by_type(status.compute(facts, previous=[], now=T0))
+        assert conditions["Ready"]["reason"] == "ConfigPending"
+        assert "connection refused" in conditions["Ready"]["message"]
 
 
 class TestShape:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import threading
 from email import policy
 from email.message import EmailMessage
 
@@ -41,3 +42,30 @@ def send(
         )
         assert code == 250, (code, reply)
         return reply.decode()
+
+
+class Sender:
+    """A client sending one message every 100 ms, recording every outcome."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sent: list[str] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        number = 0
+        while not self._stop.wait(0.1):
+            number += 1
+            subject = f"message {number}"
+            try:
+                send(self.port, "app@sender.test", ["bob@example.test"], subject=subject)
+                self.sent.append(subject)
+            except Exception as error:
+                self.errors.append(f"{subject}: {error!r}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from tests.peers import Certificates, Relay, Sink, wait_for
 from tests.podsim import AtomicVolume
-from tests.relay.mail import send
+from tests.relay.mail import Sender, send
 
 Start = Callable[..., Any]
 
@@ -49,33 +48,6 @@ def _config(relay: Relay) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{relay.metrics_port}/config", timeout=5) as r:
         state: dict[str, Any] = json.loads(r.read())
         return state
-
-
-class Sender:
-    """A client sending one message every 100 ms, recording every outcome."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.sent: list[str] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        number = 0
-        while not self._stop.wait(0.1):
-            number += 1
-            subject = f"message {number}"
-            try:
-                send(self.port, "app@sender.test", ["bob@example.test"], subject=subject)
-                self.sent.append(subject)
-            except Exception as error:
-                self.errors.append(f"{subject}: {error!r}")
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
 
 class TestConfigReload:
