@@ -37,8 +37,9 @@ class Result:
     outcome: Outcome
     code: int
     text: str
-    host: str = ""
+    host: str = ""  # the address the relay talked to
     tls: str = ""  # "verified", "encrypted" or "" (plaintext) for the connection used
+    name: str = ""  # that host's name (MX, gateway), as a certificate would carry it
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,7 @@ async def _deliver_once(
             sender,
             recipients,
             data,
-            Result("delivered", 0, "", target.name or target.address, channel),
+            Result("delivered", 0, "", target.address, channel, target.name),
         )
     finally:
         try:
@@ -249,8 +250,13 @@ async def _try_target(
     """One host; under ``may`` a failed handshake is followed by plaintext on a fresh
     connection in the same attempt (as Postfix does), since unverified TLS protects only
     against passive listeners and the mail must not wait for a broken TLS stack."""
-    host = target.name or target.address
     level: TlsLevel = policy.tls
+
+    def failed(outcome: Outcome, code: int, text: str) -> dict[str, Result]:
+        return dict.fromkeys(
+            recipients, Result(outcome, code, text, target.address, "", target.name)
+        )
+
     while True:
         try:
             return await _deliver_once(
@@ -267,18 +273,18 @@ async def _try_target(
             if refused.handshake and level == "may" and policy.credentials is None:
                 level = "none"
                 continue
-            return dict.fromkeys(recipients, Result("deferred", refused.code, refused.reason, host))
+            return failed("deferred", refused.code, refused.reason)
         except aiosmtplib.SMTPSenderRefused as error:
-            return dict.fromkeys(
-                recipients, Result(classify(error.code), error.code, error.message, host)
-            )
+            return failed(classify(error.code), error.code, error.message)
         except aiosmtplib.SMTPResponseException as error:
             # A refusing greeting or AUTH is the destination's (or our config's) problem to
             # fix, not a verdict on the message: defer.
-            return dict.fromkeys(recipients, Result("deferred", error.code, error.message, host))
+            return failed("deferred", error.code, error.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
-            reason = f"{host}:{target.port}: {error or type(error).__name__}"
-            return dict.fromkeys(recipients, Result("deferred", 451, reason, host))
+            reason = (
+                f"{target.name or target.address}:{target.port}: {error or type(error).__name__}"
+            )
+            return failed("deferred", 451, reason)
 
 
 async def deliver(

@@ -180,7 +180,7 @@ class Scheduler:
                             recipient=recipient,
                             status=bounce.status_for(result.code, result.text),
                             diagnostic=f"{result.code} {result.text}",
-                            remote_mta=result.host,
+                            remote_mta=result.name or result.host,
                         )
                     )
         if failures:
@@ -308,6 +308,7 @@ class Scheduler:
             route=route.kind,
             destination=route.name,
             host=result.host,
+            host_name=result.name,
             tls=result.tls,
             attempt=attempt,
             reply=f"{result.code} {result.text}",

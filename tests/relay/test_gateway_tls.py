@@ -231,7 +231,7 @@ class TestFailover:
         assert got.recipients == ("bob@example.test",)
         assert busy.messages == []
         attempt = _first_attempt(relay)
-        assert (attempt["attempt"], attempt["outcome"], attempt["host"]) == (
+        assert (attempt["attempt"], attempt["outcome"], attempt["host_name"]) == (
             1,
             "delivered",
             GATEWAY,
