@@ -171,7 +171,12 @@ DEFAULT_NETWORKS = [
 ]
 
 
-TlsLevel = Literal["none", "may", "encrypt", "verify"]
+TLS_LEVELS = ("none", "may", "encrypt", "verify")
+TlsLevel = Annotated[
+    Literal["none", "may", "encrypt", "verify"],
+    # maxLength keeps CEL's cost estimate of rules comparing it small.
+    WithJsonSchema({"type": "string", "enum": list(TLS_LEVELS), "maxLength": 7}),
+]
 TLS_LEVELS_TEXT = (
     "none: plaintext; may: STARTTLS when offered, unverified, plaintext after a failed "
     "handshake; encrypt: TLS required, unverified; verify: TLS required, certificate chain "
@@ -424,6 +429,7 @@ class MailSettings(_Model):
     gateway: Gateway = Field(default_factory=Gateway)
     routes: list[Route] = Field(
         default_factory=list,
+        max_length=100,
         description="Rules tried in order before the default direct/gateway choice; the "
         "first whose domains (and senders) match a recipient decides its way.",
     )
