@@ -61,11 +61,16 @@ def image_refusal(spec: Mapping[str, Any], allowed: Sequence[str]) -> Refusal | 
 
 def secret_references(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(spec field, Secret name) for every Secret the spec names."""
+    gateway = spec.get("gateway") or {}
     found = [
         ("spec.tls.secretName", (spec.get("tls") or {}).get("secretName")),
         ("spec.auth.secretName", (spec.get("auth") or {}).get("secretName")),
-        ("spec.gateway.credentialsSecret", (spec.get("gateway") or {}).get("credentialsSecret")),
+        ("spec.gateway.credentialsSecret", gateway.get("credentialsSecret")),
+        ("spec.gateway.caSecret", gateway.get("caSecret")),
     ]
+    for index, route in enumerate(spec.get("routes") or []):
+        for key in ("credentialsSecret", "caSecret"):
+            found.append((f"spec.routes[{index}].{key}", (route or {}).get(key)))
     return [(field, str(name)) for field, name in found if name]
 
 

@@ -10,6 +10,7 @@ attempts), swaps them in the `reload.Live` holders, and reports each switch in t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +43,31 @@ def load_credentials(path: Path | None) -> Credentials | None:
     return Credentials(username=str(data["username"]), password=str(data["password"]))
 
 
-def credentials_of(config: RelayConfig) -> Credentials | None:
-    try:
-        return load_credentials(config.gateway.credentials_file)
-    except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
-        raise CredentialsError(
-            f"gateway.credentialsFile: cannot read username and password: {error}"
-        ) from None
+def _credential_settings(config: RelayConfig) -> list[tuple[str, Path]]:
+    files = [("gateway.credentialsFile", config.gateway.credentials_file)]
+    files += [
+        (f"routes[{index}].credentialsFile", rule.credentials_file)
+        for index, rule in enumerate(config.routes)
+    ]
+    return [(field, path) for field, path in files if path is not None]
 
 
-def setup_for(config: RelayConfig, hostname: str, credentials: Credentials | None) -> Setup:
+def credentials_of(config: RelayConfig) -> dict[Path, Credentials]:
+    """Every credentialsFile (the gateway's, each route's), read now."""
+    loaded: dict[Path, Credentials] = {}
+    for field, path in _credential_settings(config):
+        if path in loaded:
+            continue
+        try:
+            credentials = load_credentials(path)
+        except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
+            raise CredentialsError(f"{field}: cannot read username and password: {error}") from None
+        assert credentials is not None
+        loaded[path] = credentials
+    return loaded
+
+
+def setup_for(config: RelayConfig, hostname: str, credentials: Mapping[Path, Credentials]) -> Setup:
     return Setup(
         settings=config,
         hostname=config.hostname or hostname,
@@ -61,10 +77,11 @@ def setup_for(config: RelayConfig, hostname: str, credentials: Credentials | Non
 
 
 def credential_files(config: RelayConfig) -> list[Path]:
-    path = config.gateway.credentials_file
-    if path is None:
-        return []
-    return [path / "username", path / "password"] if path.is_dir() else [path]
+    """The files whose change means new credentials (a Secret directory's two keys)."""
+    files: list[Path] = []
+    for _, path in _credential_settings(config):
+        files += [path / "username", path / "password"] if path.is_dir() else [path]
+    return files
 
 
 def watch(
@@ -82,6 +99,7 @@ def watch(
     running = {"hash": loaded.hash}
 
     def switched(new: reload.Loaded) -> None:
+        credentials: Mapping[Path, Credentials]
         try:
             credentials = credentials_of(new.config)
         except CredentialsError as error:

@@ -40,16 +40,20 @@ class TestImages:
 
 class TestSecrets:
     def test_every_reference_is_found(self) -> None:
-        """TLS, AUTH and gateway credentials, each with its field."""
+        """TLS, AUTH, the gateway's and each route's credentials and CA, with their field."""
         spec = {
             "tls": {"secretName": "cert"},
             "auth": {"secretName": "users"},
-            "gateway": {"host": "gw", "credentialsSecret": "login"},
+            "gateway": {"host": "gw", "credentialsSecret": "login", "caSecret": "ca"},
+            "routes": [{"domains": ["a"], "credentialsSecret": "r0", "caSecret": "r0-ca"}],
         }
         assert policy.secret_references(spec) == [
             ("spec.tls.secretName", "cert"),
             ("spec.auth.secretName", "users"),
             ("spec.gateway.credentialsSecret", "login"),
+            ("spec.gateway.caSecret", "ca"),
+            ("spec.routes[0].credentialsSecret", "r0"),
+            ("spec.routes[0].caSecret", "r0-ca"),
         ]
 
     def test_labelled_secret_is_allowed(self) -> None:

@@ -165,6 +165,7 @@ class TestCredentialRotation:
                     "host": f"{gateway.host}:{smtp_port}",
                     "sendAll": True,
                     "credentialsFile": str(secret.path),
+                    "caFile": str(certs.ca_file),
                 },
                 "delivery": {"queueTimer": "1s"},
             }
