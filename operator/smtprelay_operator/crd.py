@@ -193,6 +193,28 @@ _OPERATOR_FIELDS: Schema = {
         },
     },
     "podAnnotations": _string_map("Extra annotations on the relay pod."),
+    "monitoring": {
+        "description": "prometheus-operator objects for this relay (the cluster needs its "
+        "CRDs). Turning one off later leaves the object until the SmtpRelay is deleted.",
+        "type": "object",
+        "properties": {
+            "podMonitor": {
+                "description": "A PodMonitor <name> scraping the relay's metrics port.",
+                "type": "boolean",
+                "default": False,
+            },
+            "prometheusRule": {
+                "description": "A PrometheusRule <name>: relay down, mail waiting over an "
+                "hour, most deliveries failing, a new relay.yaml refused.",
+                "type": "boolean",
+                "default": False,
+            },
+            "labels": _string_map(
+                "Labels on both, for the Prometheus that selects them (e.g. release: "
+                "kube-prometheus-stack)."
+            ),
+        },
+    },
 }
 
 # Transition rules (oldSelf): a PVC's class cannot change and its size cannot shrink, so the

@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from smtprelay_operator import api, reconcile
+from smtprelay_operator import api, metrics, reconcile
 from smtprelay_operator.events import Recorder
 from smtprelay_operator.kube import Kube, load_api_client
 from smtprelay_operator.workqueue import Backoff, WorkQueue
@@ -63,8 +63,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         resync=getattr(memo, "resync", DEFAULT_RESYNC),
     )
     memo.queue = queue
+    address = getattr(memo, "metrics_listen", "")
+    if address and not getattr(memo, "metrics_served", False):
+        metrics.serve(address)
+        memo.metrics_served = True
     memo.workers = asyncio.create_task(
-        queue.run(_worker(memo.context), workers=getattr(memo, "workers", DEFAULT_WORKERS))
+        queue.run(_worker(memo.context, queue), workers=getattr(memo, "workers", DEFAULT_WORKERS))
     )
 
 
@@ -77,14 +81,19 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
             await task
 
 
-def _worker(context: reconcile.Context) -> Any:
+def _worker(context: reconcile.Context, queue: WorkQueue[RelayKey]) -> Any:
     async def work(key: RelayKey) -> bool | float | None:
         namespace, name = key
+        metrics.QUEUED.set(queue.waiting)
         try:
-            return await asyncio.to_thread(reconcile.reconcile, context, namespace, name)
+            with metrics.DURATION.time():
+                result = await asyncio.to_thread(reconcile.reconcile, context, namespace, name)
         except Exception:
+            metrics.RECONCILES.labels(outcome="failed").inc()
             _log.exception("%s/%s: reconcile failed; retrying with backoff", namespace, name)
             raise
+        metrics.RECONCILES.labels(outcome=metrics.outcome_of(result)).inc()
+        return result
 
     return work
 

@@ -32,6 +32,12 @@ _COLLECTIONS: Final = {
     (api.API_VERSION, api.KIND): f"/apis/{api.API_VERSION}/namespaces/{{namespace}}/{api.PLURAL}",
     ("v1", "Event"): "/api/v1/namespaces/{namespace}/events",
     ("v1", "Secret"): "/api/v1/namespaces/{namespace}/secrets",
+    ("monitoring.coreos.com/v1", "PodMonitor"): (
+        "/apis/monitoring.coreos.com/v1/namespaces/{namespace}/podmonitors"
+    ),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): (
+        "/apis/monitoring.coreos.com/v1/namespaces/{namespace}/prometheusrules"
+    ),
 }
 
 

@@ -66,6 +66,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         f"{relayconfig.DEFAULT_URL}; empty: do not ask (Ready follows the pod alone)",
     )
     parser.add_argument(
+        "--metrics-listen",
+        default="",
+        metavar="HOST:PORT",
+        help="serve the operator's own Prometheus /metrics here (e.g. 0.0.0.0:8081); default: off",
+    )
+    parser.add_argument(
         "--liveness",
         default=DEFAULT_LIVENESS,
         help=f"kopf's liveness endpoint (default: {DEFAULT_LIVENESS})",
@@ -112,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.relay_config_url is not None
         else os.environ.get(CONFIG_URL_ENV, relayconfig.DEFAULT_URL),
         workers=max(1, args.workers),
+        metrics_listen=args.metrics_listen,
     )
     kopf.run(
         standalone=True,

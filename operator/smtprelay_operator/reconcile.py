@@ -26,7 +26,7 @@ from smtprelay.config import ConfigError, parse_config
 
 from smtprelay_operator import api, policy, relayconfig, render, status
 from smtprelay_operator.events import Involved, Recorder
-from smtprelay_operator.kube import CONFLICT, Kube
+from smtprelay_operator.kube import CONFLICT, NOT_FOUND, Kube
 
 _log = logging.getLogger(__name__)
 _STATUS_WRITE_ATTEMPTS = 5
@@ -204,6 +204,12 @@ def _apply_children(
         try:
             after = ctx.kube.apply(obj)
         except ApiException as error:
+            if error.status == NOT_FOUND and obj["apiVersion"].startswith("monitoring.coreos"):
+                failures.append(
+                    f"applying {target}: the cluster has no {obj['kind']} kind; install "
+                    "prometheus-operator's CRDs or turn it off in spec.monitoring"
+                )
+                continue
             failures.append(f"applying {target}: {error.reason}: {_api_message(error)}")
             config_failed = config_failed or obj["kind"] == "ConfigMap"
             continue

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel
 from smtprelay.config import RESTART_ONLY_FIELDS, MailSettings, RelayConfig
 
-from smtprelay_operator import api
+from smtprelay_operator import api, monitoring
 
 Object = dict[str, Any]
 
@@ -85,9 +85,20 @@ class Rendered:
     """The hash of what the relay takes only at start (its listen addresses, spool, workers,
     TLS/AUTH files): the pod template carries it, so only such a change rolls the pod."""
 
+    monitoring: tuple[Object, ...] = ()
+    """The PodMonitor and PrometheusRule spec.monitoring asks for (prometheus-operator)."""
+
     def objects(self) -> tuple[Object, ...]:
-        """In apply order: what the pod mounts exists before the Deployment asks for it."""
-        return (self.config_map, self.pvc, self.service, self.metrics_service, self.deployment)
+        """In apply order: what the pod mounts exists before the Deployment asks for it;
+        monitoring last, so a cluster without prometheus-operator holds nothing back."""
+        return (
+            self.config_map,
+            self.pvc,
+            self.service,
+            self.metrics_service,
+            self.deployment,
+            *self.monitoring,
+        )
 
 
 def labels(name: str) -> dict[str, str]:
@@ -244,7 +255,33 @@ def render(
         relay_yaml=text,
         config_hash=config_hash(text),
         restart_hash=restart,
+        monitoring=_monitoring(name, namespace, owner, spec),
     )
+
+
+def _monitoring(
+    name: str, namespace: str, owner: Owner | None, spec: Mapping[str, Any]
+) -> tuple[Object, ...]:
+    asked = spec.get("monitoring") or {}
+    extra = _sorted(asked.get("labels"))
+    found: list[Object] = []
+
+    def metadata() -> Object:
+        meta = _metadata(name, relay=name, namespace=namespace, owner=owner)
+        meta["labels"] = {**extra, **meta["labels"]}
+        return meta
+
+    if asked.get("podMonitor"):
+        found.append(
+            monitoring.pod_monitor(
+                name=name, namespace=namespace, metadata=metadata(), pod_labels=selector(name)
+            )
+        )
+    if asked.get("prometheusRule"):
+        found.append(
+            monitoring.prometheus_rule(name=name, namespace=namespace, metadata=metadata())
+        )
+    return tuple(found)
 
 
 def _config_map(name: str, namespace: str, owner: Owner | None, text: str) -> Object:

@@ -82,6 +82,11 @@ class WorkQueue(Generic[Key]):
         heapq.heappush(self._later, (at, self._tick, key))
         self._wake.set()
 
+    @property
+    def waiting(self) -> int:
+        """Keys ready to be worked on now."""
+        return self._ready.qsize()
+
     def failures(self, key: Key) -> int:
         return self._failures.get(key, 0)
 

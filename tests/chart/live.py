@@ -131,13 +131,16 @@ class Operator:
         self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:
-        """The container's command and args; only the liveness address moves to loopback."""
+        """The container's command and args; only the liveness and metrics addresses move
+        to free loopback ports."""
         command = list(self.container["command"])
         executable = Path(sys.executable).parent / command[0]
+        moved = {
+            "--liveness=": f"--liveness=http://127.0.0.1:{self.port}/healthz",
+            "--metrics-listen=": f"--metrics-listen=127.0.0.1:{controlplane.free_port()}",
+        }
         args = [
-            f"--liveness=http://127.0.0.1:{self.port}/healthz"
-            if arg.startswith("--liveness=")
-            else arg
+            next((new for prefix, new in moved.items() if arg.startswith(prefix)), arg)
             for arg in self.container.get("args") or []
         ]
         return [str(executable), *command[1:], *args]

@@ -26,6 +26,8 @@ NAMESPACED_RIGHTS = {
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("", "events"): {"create", "get", "patch"},
     ("", "secrets"): {"get"},
+    ("monitoring.coreos.com", "podmonitors"): {"create", "patch"},
+    ("monitoring.coreos.com", "prometheusrules"): {"create", "patch"},
 }
 CLUSTER_RIGHTS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 # kopf follows namespaces only when it serves a list of them (not cluster-wide).

@@ -70,13 +70,16 @@ class TestDefaults:
         assert pod["runAsUser"] == pod["runAsGroup"] == render.RUN_AS == 10001
 
     def test_container_runs_the_operator_cluster_wide(self) -> None:
-        """`smtprelay-operator` with kopf's liveness endpoint, JSON logs and no --namespace."""
+        """`smtprelay-operator` with kopf's liveness endpoint, JSON logs, its own metrics on
+        8090 and no --namespace."""
         container = chart.container(chart.render())
         assert container["command"] == ["smtprelay-operator"]
         assert container["args"] == [
             "--liveness=http://0.0.0.0:8080/healthz",
             "--log-format=json",
+            "--metrics-listen=0.0.0.0:8090",
         ]
+        assert {"name": "metrics", "containerPort": 8090, "protocol": "TCP"} in container["ports"]
         assert container["image"] == "ghcr.io/smtprelay/smtprelay:0.1.0"
         assert container["resources"]["requests"]
         assert container["resources"]["limits"]
@@ -243,6 +246,7 @@ class TestCustomised:
             "--namespace=mail-staging",
             "--liveness=http://0.0.0.0:8081/healthz",
             "--log-format=full",
+            "--metrics-listen=0.0.0.0:8090",
             "--debug",
         ]
         assert container["ports"][0]["containerPort"] == 8081

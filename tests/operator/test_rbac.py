@@ -44,6 +44,11 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "get", "patch"]},
     # Only the labels of the Secrets an SmtpRelay names (PartialObjectMetadata).
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    {
+        "apiGroups": ["monitoring.coreos.com"],
+        "resources": ["podmonitors", "prometheusrules"],
+        "verbs": ["create", "patch"],
+    },
     # kopf discovers resources and namespaces by watching them.
     {
         "apiGroups": ["apiextensions.k8s.io"],

@@ -389,3 +389,52 @@ class TestService:
         service = make({"service": {"type": kind, "port": 2525}}).service["spec"]
         assert service["externalTrafficPolicy"] == "Local"
         assert service["ports"][0]["port"] == 2525
+
+
+class TestMonitoring:
+    def test_nothing_unless_asked(self) -> None:
+        """No spec.monitoring: no PodMonitor, no PrometheusRule."""
+        assert make({}).monitoring == ()
+
+    def test_pod_monitor_scrapes_the_relay_pods_metrics_port(self) -> None:
+        """podMonitor: true → a PodMonitor selecting this relay's pods, port metrics."""
+        rendered = make({"monitoring": {"podMonitor": True, "labels": {"release": "prom"}}})
+        [monitor] = rendered.monitoring
+        assert monitor["kind"] == "PodMonitor"
+        assert monitor["spec"]["selector"]["matchLabels"] == render.selector("mail")
+        assert monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+        assert monitor["metadata"]["labels"]["release"] == "prom"
+        assert monitor["metadata"]["ownerReferences"][0]["kind"] == "SmtpRelay"
+        pod_ports = pod_spec(rendered)["containers"][0]["ports"]
+        assert "metrics" in [port["name"] for port in pod_ports]
+
+    def test_rules_alert_on_what_the_owner_must_know(self) -> None:
+        """prometheusRule: true → relay down, mail waiting, deliveries failing, config
+        refused; each selects this relay's series by the PodMonitor's job."""
+        [rule] = make({"monitoring": {"prometheusRule": True}}).monitoring
+        rules = rule["spec"]["groups"][0]["rules"]
+        assert [r["alert"] for r in rules] == [
+            "SmtpRelayDown",
+            "SmtpRelayMailWaiting",
+            "SmtpRelayDeliveriesFailing",
+            "SmtpRelayConfigRefused",
+        ]
+        for item in rules:
+            assert 'namespace="team-a", job="team-a/mail"' in item["expr"]
+            assert item["labels"]["smtprelay"] == "mail"
+
+    def test_monitoring_is_applied_after_the_deployment(self) -> None:
+        """A cluster without prometheus-operator's CRDs holds back nothing else."""
+        rendered = make({"monitoring": {"podMonitor": True, "prometheusRule": True}})
+        kinds = [obj["kind"] for obj in rendered.objects()]
+        assert kinds.index("Deployment") < kinds.index("PodMonitor")
+
+    def test_metrics_service_is_headless_and_internal(self) -> None:
+        """<name>-metrics: headless, port 9090, not-ready pods listed, never a LoadBalancer."""
+        service = make({"service": {"type": "LoadBalancer"}}).metrics_service
+        assert service["metadata"]["name"] == "mail-metrics"
+        assert service["spec"]["clusterIP"] == "None"
+        assert service["spec"]["publishNotReadyAddresses"] is True
+        assert service["spec"]["ports"] == [
+            {"name": "metrics", "protocol": "TCP", "port": 9090, "targetPort": "metrics"}
+        ]

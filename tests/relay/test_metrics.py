@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from smtprelay_operator import monitoring
 
 from tests.peers import Relay, Sink, Zone, wait_for
 from tests.relay.mail import send
@@ -131,6 +132,19 @@ class TestProbes:
             queue.unlink()
             (relay.spool / "queue.away").rename(queue)
         assert _status(f"{base}/readyz") == 200
+
+
+class TestAlerts:
+    def test_every_alert_names_a_series_the_relay_exports(self, start_relay: Start) -> None:
+        """The PrometheusRule spec.monitoring renders is built on metrics a scrape has."""
+        expressions = [rule["expr"] for rule in monitoring.alerts("ns", "mail")]
+        used = {name for e in expressions for name in re.findall(r"smtprelay_[a-z_]+", e)}
+        relay: Relay = start_relay({})
+        exported = {name for name, _ in _samples(relay)}
+        families = {f.name for f in text_string_to_metric_families(relay.metrics())}
+        families |= {f"{name}_total" for name in families}
+        assert used
+        assert used <= exported | families, used - exported - families
 
 
 class TestDashboard:

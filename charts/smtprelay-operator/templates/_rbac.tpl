@@ -38,6 +38,11 @@ Code paths are in operator/smtprelay_operator/ (handlers.py, kube.py) and kopf 1
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "get", "patch"]
+# The PodMonitor and PrometheusRule an SmtpRelay's spec.monitoring asks for (server-side
+# apply, render/monitoring.py). Not watched: drift in them is repaired at each resync.
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["podmonitors", "prometheusrules"]
+  verbs: ["create", "patch"]
 # reconcile._refusal reads the labels of each Secret an SmtpRelay names (Kube.secret_labels),
 # to use only those labelled smtprelay.dev/use=true. Only get (no list, no watch: it never
 # enumerates Secrets), and asked for as PartialObjectMetadata, so the API server sends the
