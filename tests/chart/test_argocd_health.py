@@ -8,11 +8,10 @@ from typing import Any
 
 import lupa
 import pytest
-from smtprelay_operator import api, status
+from smtprelay_operator import status
 
 from tests.chart import chart
-
-T0 = "2026-01-01T00:00:00Z"
+from tests.operator import statuses
 
 
 def _health_script() -> str:
@@ -41,56 +40,25 @@ def _lua(runtime: Any, value: Any) -> Any:
     return value
 
 
-def _deployment(*, available: int = 1, restart_hash: str = "r") -> dict[str, Any]:
-    return {
-        "metadata": {"generation": 1},
-        "spec": {
-            "replicas": 1,
-            "template": {"metadata": {"annotations": {api.RESTART_HASH_ANNOTATION: restart_hash}}},
-        },
-        "status": {
-            "observedGeneration": 1,
-            "updatedReplicas": 1,
-            "replicas": 1,
-            "availableReplicas": available,
-            "readyReplicas": available,
-        },
-    }
-
-
-def _relay(observed: status.Observed, *, generation: int = 2) -> dict[str, Any]:
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {"name": "mail", "namespace": "mail", "generation": generation},
-        "status": status.compute(observed, previous=[], now=T0),
-    }
-
-
-def _observed(**facts: Any) -> status.Observed:
-    base: dict[str, Any] = {
-        "generation": 2,
-        "config_hash": "c",
-        "restart_hash": "r",
-        "deployment": _deployment(),
-        "running": status.Running(hash="c"),
-    }
-    return status.Observed(**{**base, **facts})
-
-
 CASES = [
-    pytest.param(_observed(), "Healthy", id="running-this-generation"),
-    pytest.param(_observed(running=status.Running(hash="old")), "Progressing", id="config-pending"),
+    pytest.param(statuses.relay(), "Healthy", id="running-this-generation"),
     pytest.param(
-        _observed(deployment=_deployment(restart_hash="old")), "Progressing", id="rolling"
+        statuses.relay(running=status.Running(hash="old")), "Progressing", id="config-pending"
     ),
     pytest.param(
-        _observed(failure=status.Failure(reason="InvalidConfig", message="x: bad", stalled=True)),
+        statuses.relay(deployment=statuses.deployment(restart_hash="old")),
+        "Progressing",
+        id="rolling",
+    ),
+    pytest.param(
+        statuses.relay(
+            failure=status.Failure(reason="InvalidConfig", message="x: bad", stalled=True)
+        ),
         "Degraded",
         id="stalled",
     ),
     pytest.param(
-        _observed(failure=status.Failure(reason="ApplyFailed", message="timeout")),
+        statuses.relay(failure=status.Failure(reason="ApplyFailed", message="timeout")),
         "Progressing",
         id="retrying",
     ),
@@ -98,14 +66,14 @@ CASES = [
 
 
 class TestArgoHealth:
-    @pytest.mark.parametrize(("observed", "expected"), CASES)
-    def test_health_follows_the_status(self, observed: status.Observed, expected: str) -> None:
+    @pytest.mark.parametrize(("relay", "expected"), CASES)
+    def test_health_follows_the_status(self, relay: dict[str, Any], expected: str) -> None:
         """Healthy only when the relay runs the generation; Degraded when Stalled."""
-        assert _health(_relay(observed))[0] == expected
+        assert _health(relay)[0] == expected
 
     def test_status_of_an_older_generation_is_progressing(self) -> None:
         """A spec the operator has not seen yet is never Healthy, whatever the conditions."""
-        health, message = _health(_relay(_observed(), generation=3))
+        health, message = _health(statuses.relay(generation=3))
         assert health == "Progressing"
         assert "generation 3" in message
 
@@ -114,7 +82,7 @@ class TestArgoHealth:
         failure = status.Failure(
             reason="SecretNotAllowed", message="spec.tls.secretName: no", stalled=True
         )
-        assert _health(_relay(_observed(failure=failure))) == (
+        assert _health(statuses.relay(failure=failure)) == (
             "Degraded",
             "SecretNotAllowed: spec.tls.secretName: no",
         )
