@@ -8,6 +8,7 @@ builds the test control plane, cached under ~/.cache/smtprelay.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -24,7 +25,8 @@ SOURCE = Path(__file__).with_name("kstatus_src") / "main.go"
 
 
 def _root() -> Path:
-    return build.cache_root() / f"kstatus-{CLI_UTILS_VERSION}"
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return build.cache_root() / f"kstatus-{CLI_UTILS_VERSION}-{source}"
 
 
 def ensure_built() -> Path:

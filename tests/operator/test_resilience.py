@@ -71,7 +71,8 @@ class TestStuckApply:
     def test_failed_config_map_holds_the_deployment_back_and_does_not_spam(
         self, cluster: Cluster, operator: Operator, kube_api: client.ApiClient
     ) -> None:
-        """While the new relay.yaml is refused: the pod template keeps its hash, the status
+        """While the new relay.yaml is refused: the Deployment is not touched (the pod
+        template keeps its hash although the change also needs a new pod), the status
         says Reconciling/ApplyFailed, one counted Event (not one per retry) and no stream of
         writes to the SmtpRelay; once the refusal ends, the retry applies it all."""
         create_relay(cluster, "mail", {"gateway": {"host": "old.example.com"}})
@@ -84,7 +85,10 @@ class TestStuckApply:
             message="relay.yaml names a blocked gateway",
             probe=_config_map("probe", f"gateway: {BLOCKED}"),
         ):
-            cluster.patch("smtprelay", "mail", {"spec": {"gateway": {"host": BLOCKED}}})
+            # A change to both: relay.yaml (refused) and the pod (workers: a restart).
+            cluster.patch(
+                "smtprelay", "mail", {"spec": {"gateway": {"host": BLOCKED}, "workers": 2}}
+            )
 
             def reported() -> bool:
                 current = cluster.must_get("smtprelay", "mail")
@@ -101,15 +105,11 @@ class TestStuckApply:
             failed = [e for e in events(cluster, "mail") if e["reason"] == "ApplyFailed"]
             assert len(failed) == 1, failed
             assert 3 <= failed[0]["count"] <= 10, "retried, with backoff"
-        # The refusal has ended: the next retry applies the ConfigMap, then the Deployment.
-        assert template_hash(cluster, "mail") == before, "the pod rolled onto a missing config"
-        failed = [e for e in events(cluster, "mail") if e["reason"] == "ApplyFailed"]
-        assert len(failed) == 1, failed
-        assert failed[0]["count"] >= 3, "the apply was retried"
-        assert failed[0]["count"] <= 10, "retries back off"
+        # The refusal has ended: the next retry (up to one backoff later, ~64 s after a
+        # minute of failures) applies the ConfigMap, then the Deployment.
         wait_for(
             lambda: relay_yaml(cluster, "mail")["gateway"]["host"] == BLOCKED,
-            timeout=CONVERGE,
+            timeout=CONVERGE + 70,
             what="the retried apply to go through",
         )
         wait_for(

@@ -3,7 +3,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -18,12 +17,13 @@ func main() {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
-	var object map[string]interface{}
-	if err := json.Unmarshal(data, &object); err != nil {
+	// The unstructured decoder keeps integers as int64, as a client's reads do.
+	object := &unstructured.Unstructured{}
+	if err := object.UnmarshalJSON(data); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
-	result, err := status.Compute(&unstructured.Unstructured{Object: object})
+	result, err := status.Compute(object)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
