@@ -235,6 +235,7 @@ CHILDREN = (
     ("deployment", "{}"),
     ("persistentvolumeclaim", "{}-spool"),
     ("service", "{}"),
+    ("service", "{}-metrics"),
 )
 
 

@@ -59,8 +59,8 @@ INVALID = [
     ),
     pytest.param(
         {"allowedNetworks": ["10.0.0.0/8", "not-a-network"]},
-        'spec.allowedNetworks[1]: Invalid value: "string": each allowedNetworks entry must '
-        "be a CIDR",
+        'spec.allowedNetworks[1]: Invalid value: "not-a-network": each allowedNetworks entry '
+        "must be a CIDR",
         id="allowedNetworks-not-a-cidr",
     ),
 ]
