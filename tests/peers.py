@@ -249,6 +249,8 @@ class Relay:
             "hostname": "relay.test",
             "logging": {"target": "stdout"},
             "workers": 1,  # one process, unless a test asks for more
+            # The default leaves loopback out (sidecars); here the clients are on loopback.
+            "allowedNetworks": ["127.0.0.0/8"],
             # No DNS unless a test brings dnsmasq: a closed port makes every lookup a
             # temporary failure, so accepted mail stays queued instead of depending on
             # whatever the machine's resolver says about .test names.

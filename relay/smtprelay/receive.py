@@ -8,6 +8,7 @@ delivery: the spool is the interface.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import errno
 import ipaddress
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from smtprelay.auth import FailureLimiter, Users
@@ -27,6 +29,7 @@ from smtprelay.spool import Spool
 from smtprelay.transcript import mask_auth, record
 
 MAX_HOPS = 50
+PROXY_TIMEOUT = 10.0  # seconds a trusted load balancer has to send its PROXY header
 MAX_RECIPIENTS = 1000
 
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
@@ -111,9 +114,11 @@ class RelaySMTP(SMTP):
         *,
         users: Users | None = None,
         limiter: FailureLimiter | None = None,
+        proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        self._proxies = proxies or []
         self._users = users
         self._limiter = limiter or FailureLimiter()
         self._closing = False
@@ -121,6 +126,16 @@ class RelaySMTP(SMTP):
             self._smtp_methods = {
                 name: self._transcribed(name, method) for name, method in self._smtp_methods.items()
             }
+
+    # --- PROXY protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A trusted load balancer must start with a PROXY header (aiosmtpd reads it, then
+        # calls handle_PROXY); anyone else gets plain SMTP, where PROXY is an unknown command.
+        address = client_ip(transport.get_extra_info("peername"))
+        trusted = address is not None and any(address in net for net in self._proxies)
+        self._proxy_timeout = PROXY_TIMEOUT if trusted else None
+        super().connection_made(transport)
 
     # --- transcript -------------------------------------------------------------------
 
@@ -241,6 +256,23 @@ class RelayHandler:
         self._spool = spool
         self._clock = clock
         self._networks = parse_networks(settings.allowed_networks)
+
+    async def handle_PROXY(
+        self, server: SMTP, session: Session, envelope: Envelope, proxy: ProxyData
+    ) -> bool:
+        """The load balancer names the real client: from now on the session's peer is it,
+        so allowedNetworks, the logs and Received: see the client, not the balancer."""
+        if proxy.src_addr is not None and client_ip((str(proxy.src_addr), 0)) is not None:
+            balancer = str(client_ip(session.peer))
+            # aiosmtpd annotates peer as a str; it holds the socket's peername tuple.
+            session.peer = (str(proxy.src_addr), proxy.src_port or 0)  # type: ignore[assignment]
+            mail_log().info(
+                "proxied",
+                client=str(client_ip(session.peer)),
+                balancer=balancer,
+                version=proxy.version,
+            )
+        return True  # LOCAL / UNKNOWN (health checks): the balancer's own address stays
 
     def may_relay(self, session: Session) -> bool:
         if session.authenticated:
