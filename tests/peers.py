@@ -53,6 +53,13 @@ def wait_for(
         time.sleep(interval)
 
 
+def postfix_tool(name: str) -> str:
+    """A Postfix test program (smtp-sink, smtp-source)."""
+    found = shutil.which(name) or f"/usr/sbin/{name}"
+    assert os.path.exists(found), f"{name} is installed by scripts/setup.sh (apt-get postfix)"
+    return found
+
+
 # --- DNS -----------------------------------------------------------------------------------
 
 

@@ -223,6 +223,7 @@ def _session_factory(
             ident="smtprelay",
             tls_context=tls.current() if tls is not None else None,
             auth_require_tls=True,
+            enable_SMTPUTF8=True,
             timeout=300,
             proxies=proxies,
         )

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smtprelay.dsn import MailOptions, RecipientOptions
+
 _QUEUE = "queue"
 _STATE = "state"
 _SUFFIX = ".eml"
@@ -48,6 +50,16 @@ class Envelope:
     recipients: tuple[str, ...]
     received: float
     client: str = ""
+    options: MailOptions = field(default_factory=MailOptions)
+    # NOTIFY/ORCPT per recipient, in the order of recipients; () when no RCPT carried any.
+    recipient_options: tuple[RecipientOptions, ...] = ()
+
+    def options_of(self, recipient: str) -> RecipientOptions:
+        if self.recipient_options:
+            for address, options in zip(self.recipients, self.recipient_options, strict=True):
+                if address == recipient:
+                    return options
+        return RecipientOptions()
 
 
 @dataclass(frozen=True)
@@ -166,6 +178,11 @@ def _encode_envelope(envelope: Envelope) -> bytes:
         "received": envelope.received,
         "client": envelope.client,
     }
+    # Written only when present, so envelopes stay what older relays wrote and read.
+    if options := envelope.options.to_json():
+        header["options"] = options
+    if envelope.recipient_options:
+        header["recipient_options"] = [o.to_json() for o in envelope.recipient_options]
     return json.dumps(header, separators=(",", ":")).encode() + b"\n"
 
 
@@ -177,6 +194,10 @@ def _decode_envelope(line: bytes) -> Envelope:
         recipients=tuple(header["recipients"]),
         received=header["received"],
         client=header.get("client", ""),
+        options=MailOptions.from_json(header.get("options")),
+        recipient_options=tuple(
+            RecipientOptions.from_json(o) for o in header.get("recipient_options", ())
+        ),
     )
 
 
@@ -239,6 +260,8 @@ class Spool:
         data: bytes,
         client: str = "",
         queue_id: str | None = None,
+        options: MailOptions | None = None,
+        recipient_options: tuple[RecipientOptions, ...] = (),
     ) -> Envelope:
         """Store a message durably; when this returns, the message survives any crash."""
         now = self._clock()
@@ -248,6 +271,8 @@ class Spool:
             recipients=recipients,
             received=now,
             client=client,
+            options=options or MailOptions(),
+            recipient_options=recipient_options,
         )
         path = self.queue_dir / f"{envelope.id}{_SUFFIX}"
         await asyncio.to_thread(_write_durably, path, [_encode_envelope(envelope), data])
