@@ -24,8 +24,10 @@ import fcntl
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ _QUEUE = "queue"
 _STATE = "state"
 _SUFFIX = ".eml"
 PID_FILE = "smtprelay.pid"
+WRITER_THREADS = 32
 
 
 class Busy(Exception):
@@ -127,34 +130,51 @@ def _write_durably(path: Path, chunks: list[bytes]) -> None:
 
 
 class _GroupSync:
-    """Coalesces directory fsyncs: everyone who asks during one fsync shares the next."""
+    """Group commit of directory fsyncs, in the writers' own threads.
+
+    A writer whose rename is done needs an fsync of the directory that starts after it.
+    If none is running, it runs one at once (a lone message waits for no timer and makes no
+    further thread hop); if one is running, it waits for the next, which the first writer
+    to arrive after the running one ends starts for everyone who arrived meanwhile.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._next: asyncio.Future[None] | None = None
+        self._cond = threading.Condition()
+        self._started = 0  # fsyncs begun; they run one at a time, in order
+        self._done = 0
         self._running = False
+        self._failed: dict[int, OSError] = {}
 
-    async def sync(self) -> None:
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-        waiter = self._next
-        if not self._running:
-            self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
-        await asyncio.shield(waiter)
-
-    async def _drain(self) -> None:
-        try:
-            while self._next is not None:
-                batch, self._next = self._next, None
+    def sync(self) -> None:
+        """Block until an fsync of the directory that began after this call has ended."""
+        with self._cond:
+            target = self._started + 1
+            while self._done < target:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                number = self._started
+                self._cond.release()
+                error: OSError | None = None
                 try:
-                    await asyncio.to_thread(_fsync_dir, self._path)
-                except OSError as error:
-                    batch.set_exception(error)
-                else:
-                    batch.set_result(None)
-        finally:
-            self._running = False
+                    _fsync_dir(self._path)
+                except OSError as failure:
+                    error = failure
+                finally:
+                    self._cond.acquire()
+                self._running = False
+                self._done = number
+                if error is not None:
+                    self._failed[number] = error
+                    while len(self._failed) > 64:
+                        del self._failed[min(self._failed)]
+                self._cond.notify_all()
+            failed = self._failed.get(target)
+        if failed is not None:
+            raise OSError(failed.errno, failed.strerror, str(self._path))
 
 
 def _encode_envelope(envelope: Envelope) -> bytes:
@@ -213,6 +233,19 @@ class Spool:
         self.queue_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._queue_sync = _GroupSync(self.queue_dir)
+        self._writers: ThreadPoolExecutor | None = None
+        self._queue_path = str(self.queue_dir)  # str paths: no pathlib cost per message
+        self._state_path = str(self.state_dir)
+
+    def _store(self, path: Path, chunks: list[bytes]) -> None:
+        """Write, fsync, rename and fsync the directory (grouped): one thread hop."""
+        _write_durably(path, chunks)
+        try:
+            self._queue_sync.sync()
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         """Be told the id of every message enqueued from now on."""
@@ -247,13 +280,13 @@ class Spool:
             client=client,
         )
         path = self.queue_dir / f"{envelope.id}{_SUFFIX}"
-        await asyncio.to_thread(_write_durably, path, [_encode_envelope(envelope), data])
-        try:
-            await self._queue_sync.sync()
-        except OSError:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
+        if self._writers is None:
+            # Writers wait in their threads for the grouped fsync: the more threads, the
+            # more messages share one; threads start only as concurrent messages need them.
+            self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="spool")
+        await asyncio.get_running_loop().run_in_executor(
+            self._writers, self._store, path, [_encode_envelope(envelope), data]
+        )
         for listener in self._listeners:
             listener(envelope.id)
         return envelope
@@ -310,6 +343,25 @@ class Spool:
         line, _, data = raw.partition(b"\n")
         return _decode_envelope(line), data
 
+    def peek(self, queue_id: str) -> tuple[Envelope, int]:
+        """The envelope and the queue file's size, reading only the file's head."""
+        fd = os.open(f"{self._queue_path}/{queue_id}{_SUFFIX}", os.O_RDONLY)
+        try:
+            head = os.read(fd, 4096)
+            while b"\n" not in head:  # an envelope of many recipients
+                more = os.read(fd, 65536)
+                if not more:
+                    break
+                head += more
+            return _decode_envelope(head.partition(b"\n")[0]), os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def state_ids(self) -> set[str]:
+        """Ids of the messages that have a state file."""
+        with os.scandir(self.state_dir) as listing:
+            return {entry.name[:-5] for entry in listing if entry.name.endswith(".json")}
+
     def read_envelope(self, queue_id: str) -> Envelope:
         with (self.queue_dir / f"{queue_id}{_SUFFIX}").open("rb") as handle:
             return _decode_envelope(handle.readline())
@@ -317,7 +369,12 @@ class Spool:
     def load_state(self, queue_id: str) -> QueueState:
         """The saved state; a missing or torn state file means nothing was recorded yet."""
         try:
-            return _decode_state((self.state_dir / f"{queue_id}.json").read_bytes())
+            fd = os.open(f"{self._state_path}/{queue_id}.json", os.O_RDONLY)
+            try:
+                raw = os.read(fd, 1 << 20)
+            finally:
+                os.close(fd)
+            return _decode_state(raw)
         except (OSError, ValueError, KeyError):
             return QueueState()
 
