@@ -13,12 +13,13 @@ import contextlib
 import functools
 import heapq
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 
 from smtprelay import bounce
-from smtprelay.config import MailSettings
-from smtprelay.deliver import Credentials, Result, deliver
+from smtprelay.config import MailSettings, split_hostport
+from smtprelay.deliver import Credentials, Policy, Result, Target, deliver
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
@@ -35,14 +36,14 @@ class Scheduler:
         settings: MailSettings,
         hostname: str,
         resolver: MxResolver,
-        credentials: Credentials | None = None,
+        credentials: Mapping[Path, Credentials] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
         self._settings = settings
         self._hostname = hostname
         self._resolver = resolver
-        self._credentials = credentials
+        self._credentials = dict(credentials or {})  # by credentialsFile path
         self._clock = clock
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
@@ -152,7 +153,7 @@ class Scheduler:
         state = self._spool.load_state(queue_id)
         attempt = state.attempts + 1
         pending = state.pending(envelope)
-        groups = group_by_route(self._settings, pending, attempt)
+        groups = group_by_route(self._settings, pending, attempt, envelope.sender)
         started = self._clock()
         outcomes = await asyncio.gather(
             *(
@@ -179,7 +180,7 @@ class Scheduler:
                             recipient=recipient,
                             status=bounce.status_for(result.code, result.text),
                             diagnostic=f"{result.code} {result.text}",
-                            remote_mta=result.host,
+                            remote_mta=result.name or result.host,
                         )
                     )
         if failures:
@@ -199,32 +200,63 @@ class Scheduler:
         await asyncio.to_thread(self._spool.remove, queue_id)
         return None
 
+    async def _targets(self, route: Route) -> tuple[Target, ...] | ResolveFailure:
+        """The hosts of a route in order, each expanded to its addresses. A relay host's
+        name goes through the resolver's search list (``smarthost.mail``); one that does not
+        resolve is skipped, so a dead first gateway does not block the second."""
+        if route.kind == "direct":
+            resolved = await self._resolver.resolve(route.name)
+            if isinstance(resolved, ResolveFailure):
+                return resolved
+            return tuple(
+                Target(name=name or address, address=address, port=route.port)
+                for name, address in resolved.targets()
+            )
+        targets: list[Target] = []
+        failures: list[ResolveFailure] = []
+        for spec in route.hosts:
+            host, port = split_hostport(spec, 25)
+            addresses = await self._resolver.addresses(host, search=True)
+            if isinstance(addresses, ResolveFailure):
+                failures.append(addresses)
+                continue
+            targets.extend(Target(name=host, address=a, port=port) for a in addresses)
+        if targets or not failures:
+            return tuple(targets)
+        permanent = all(failure.permanent for failure in failures)
+        return ResolveFailure(permanent, failures[0].status, failures[0].reason)
+
     async def _attempt_route(
         self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: bytes
     ) -> dict[str, Result]:
-        credentials = None
-        if route.kind == "gateway":
-            addresses = await self._resolver.addresses(route.name)
-            credentials = self._credentials
-        else:
-            resolved = await self._resolver.resolve(route.name)
-            addresses = resolved if isinstance(resolved, ResolveFailure) else resolved.addresses
-        if isinstance(addresses, ResolveFailure):
-            code = 550 if addresses.permanent else 451
+        targets = await self._targets(route)
+        if isinstance(targets, ResolveFailure):
+            code = 550 if targets.permanent else 451
             result = Result(
-                "failed" if addresses.permanent else "deferred",
+                "failed" if targets.permanent else "deferred",
                 code,
-                f"{addresses.status} {addresses.reason}",
+                f"{targets.status} {targets.reason}",
             )
             return dict.fromkeys(recipients, result)
+        credentials = None
+        if route.credentials_file is not None:
+            credentials = self._credentials.get(route.credentials_file)
+            if credentials is None:
+                reason = f"4.7.0 no credentials loaded from {route.credentials_file}"
+                return dict.fromkeys(recipients, Result("deferred", 451, reason))
+        policy = Policy(
+            tls=route.tls,
+            implicit_tls=route.implicit_tls,
+            ca_file=route.ca_file,
+            credentials=credentials,
+        )
         return await deliver(
-            addresses=addresses,
-            port=route.port,
+            targets=targets,
+            policy=policy,
             helo=self._hostname,
             sender=envelope.sender,
             recipients=recipients,
             data=data,
-            credentials=credentials,
         )
 
     async def _return_to_sender(
@@ -276,6 +308,8 @@ class Scheduler:
             route=route.kind,
             destination=route.name,
             host=result.host,
+            host_name=result.name,
+            tls=result.tls,
             attempt=attempt,
             reply=f"{result.code} {result.text}",
             outcome=outcome,
