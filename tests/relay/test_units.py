@@ -153,10 +153,15 @@ class TestSpool:
         monkeypatch.setattr(spool, "_fsync_dir", fsync)
         group = spool._GroupSync(tmp_path)
         done: dict[str, int] = {}
-        first = threading.Thread(target=lambda: (group.sync(), done.setdefault("a", len(began))))
+
+        def writer(name: str) -> None:
+            group.sync()
+            done[name] = len(began)  # how many fsyncs had begun when it was released
+
+        first = threading.Thread(target=writer, args=("a",))
         first.start()
         assert first_running.wait(10)
-        second = threading.Thread(target=lambda: (group.sync(), done.setdefault("b", len(began))))
+        second = threading.Thread(target=writer, args=("b",))
         second.start()
         release_first.set()
         first.join(10)
