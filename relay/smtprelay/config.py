@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
+OPTIONAL_DURATION_PATTERN = rf"^0$|{DURATION_PATTERN}"
 QUANTITY_PATTERN = r"^[0-9]+(Ki|Mi|Gi|k|K|M|G)?$"
 HOSTPORT_PATTERN = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)(:[0-9]{1,5})?$"
 DOMAIN_PATTERN = r"^\.?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"
@@ -131,7 +132,7 @@ Duration = Annotated[
 OptionalDuration = Annotated[
     float,
     BeforeValidator(parse_optional_duration),
-    WithJsonSchema({"type": "string", "pattern": rf"^0$|{DURATION_PATTERN}"}),
+    WithJsonSchema({"type": "string", "pattern": OPTIONAL_DURATION_PATTERN}),
 ]
 Quantity = Annotated[
     int,
@@ -213,6 +214,12 @@ class Delivery(_Model):
         "(90s, 30m, 1h).",
     )
     port: Port = Field(25, description="TCP port for direct (MX) delivery.")
+    delay_warning: OptionalDuration = Field(
+        0.0,
+        alias="delayWarning",
+        description="After this long in the queue the sender is told once that the message "
+        "is still being retried (RFC 3464 Action: delayed); 0: never.",
+    )
     tls: TlsLevel = Field(
         "may",
         description="TLS policy for direct (MX) delivery (RFC 7435 levels). " + TLS_LEVELS_TEXT,

@@ -23,7 +23,7 @@ from smtprelay.deliver import Credentials, Policy, Result, Target, deliver
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
-from smtprelay.spool import Busy, Envelope, Spool
+from smtprelay.spool import Busy, Envelope, QueueState, Spool
 
 
 class Scheduler:
@@ -164,6 +164,7 @@ class Scheduler:
         last_try = attempt >= self._settings.delivery.tries
         delivered: set[str] = set()
         failures: list[bounce.Failure] = []
+        delayed: list[bounce.Failure] = []
         for route, results in zip(groups, outcomes, strict=True):
             for recipient, result in results.items():
                 outcome = result.outcome
@@ -174,22 +175,27 @@ class Scheduler:
                 if outcome == "delivered":
                     delivered.add(recipient)
                     METRICS.latency.observe(self._clock() - envelope.received)
-                elif outcome == "failed":
-                    failures.append(
+                else:
+                    (failures if outcome == "failed" else delayed).append(
                         bounce.Failure(
                             recipient=recipient,
                             status=bounce.status_for(result.code, result.text),
                             diagnostic=f"{result.code} {result.text}",
                             remote_mta=result.name or result.host,
+                            action=outcome if outcome == "failed" else "delayed",
                         )
                     )
         if failures:
             await self._return_to_sender(envelope, data, failures)
+        warn = delayed and self._warning_due(envelope, state, started)
+        if warn:
+            await self._return_to_sender(envelope, data, delayed)
         new_state = replace(
             state,
             attempts=attempt,
             delivered=state.delivered | delivered,
             failed=state.failed | {f.recipient for f in failures},
+            warned=state.warned or bool(warn),
         )
         if not self._spool.contains(queue_id):
             return None
@@ -259,6 +265,11 @@ class Scheduler:
             data=data,
         )
 
+    def _warning_due(self, envelope: Envelope, state: QueueState, now: float) -> bool:
+        """delivery.delayWarning: once per message, after it has waited that long."""
+        after = self._settings.delivery.delay_warning
+        return bool(after) and not state.warned and now - envelope.received >= after
+
     async def _return_to_sender(
         self, envelope: Envelope, data: bytes, failures: list[bounce.Failure]
     ) -> None:
@@ -282,9 +293,11 @@ class Scheduler:
         returned = await self._spool.enqueue(
             sender="", recipients=(envelope.sender,), data=report, client="bounce"
         )
-        METRICS.bounced.inc(len(failures))
+        delayed = failures[0].action == "delayed"
+        if not delayed:
+            METRICS.bounced.inc(len(failures))
         mail_log().info(
-            "bounced",
+            "delay_notice" if delayed else "bounced",
             queue_id=envelope.id,
             report_id=returned.id,
             sender=envelope.sender,
