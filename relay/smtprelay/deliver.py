@@ -17,6 +17,7 @@ import asyncio
 import functools
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Literal
 import aiosmtplib
 
 from smtprelay.config import TlsLevel
+from smtprelay.scache import ConnectionCache, Session, quit_politely
 from smtprelay.transcript import TranscribingSMTP
 
 Outcome = Literal["delivered", "deferred", "failed"]
@@ -155,7 +157,7 @@ async def _secure(client: TranscribingSMTP, target: Target, policy: Policy, leve
 
 
 async def _transaction(
-    client: TranscribingSMTP,
+    client: aiosmtplib.SMTP,
     sender: str,
     recipients: tuple[str, ...],
     data: bytes,
@@ -189,17 +191,10 @@ async def _transaction(
     return results
 
 
-async def _deliver_once(
-    *,
-    target: Target,
-    policy: Policy,
-    level: TlsLevel,
-    helo: str,
-    sender: str,
-    recipients: tuple[str, ...],
-    data: bytes,
-    timeout: float,
-) -> dict[str, Result]:
+async def _open(
+    *, target: Target, policy: Policy, level: TlsLevel, helo: str, timeout: float
+) -> Session:
+    """A new session: connect, greeting, EHLO, STARTTLS and AUTH as the policy asks."""
     sock = await _connect(target, timeout)
     client = TranscribingSMTP(
         hostname=target.name,
@@ -223,18 +218,43 @@ async def _deliver_once(
             if channel == "" or level not in ("verify", "encrypt"):
                 raise _Deferred(451, f"4.7.0 credentials for {target.name} need TLS")
             await client.login(policy.credentials.username, policy.credentials.password)
-        return await _transaction(
-            client,
+    except BaseException:
+        await quit_politely(client)
+        raise
+    return Session(client, channel, time.monotonic())
+
+
+async def _deliver_once(
+    *,
+    target: Target,
+    policy: Policy,
+    level: TlsLevel,
+    helo: str,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: bytes,
+    timeout: float,
+    cache: ConnectionCache | None,
+) -> dict[str, Result]:
+    key = (target, policy, level)
+    session = await cache.take(key) if cache is not None else None
+    if session is None:
+        session = await _open(target=target, policy=policy, level=level, helo=helo, timeout=timeout)
+    finished = False
+    try:
+        results = await _transaction(
+            session.client,
             sender,
             recipients,
             data,
-            Result("delivered", 0, "", target.address, channel, target.name),
+            Result("delivered", 0, "", target.address, session.channel, target.name),
         )
+        finished = True
+        return results
     finally:
-        try:
-            await client.quit()
-        except (aiosmtplib.SMTPException, OSError):
-            client.close()
+        # a session whose transaction ended with a reply (any reply) can carry the next one
+        if not (finished and cache is not None and cache.put(key, session)):
+            await quit_politely(session.client)
 
 
 async def _try_target(
@@ -246,6 +266,7 @@ async def _try_target(
     recipients: tuple[str, ...],
     data: bytes,
     timeout: float,
+    cache: ConnectionCache | None,
 ) -> dict[str, Result]:
     """One host; under ``may`` a failed handshake is followed by plaintext on a fresh
     connection in the same attempt (as Postfix does), since unverified TLS protects only
@@ -268,6 +289,7 @@ async def _try_target(
                 recipients=recipients,
                 data=data,
                 timeout=timeout,
+                cache=cache,
             )
         except _Deferred as refused:
             if refused.handshake and level == "may" and policy.credentials is None:
@@ -296,12 +318,14 @@ async def deliver(
     recipients: tuple[str, ...],
     data: bytes,
     timeout: float = 60.0,
+    cache: ConnectionCache | None = None,
 ) -> dict[str, Result]:
     """Try ``targets`` in order within this one attempt, each with what is still deferred.
 
     A connection failure, a TLS failure under encrypt/verify, a refusing greeting or a 4xx
     moves the deferred recipients on to the next host (RFC 5321 §5.1; Postfix's relayhost
     list); delivered and failed ones are settled. A 5xx to MAIL FROM fails every recipient.
+    With a ``cache``, a host's session is reused for the next message (see scache).
     """
     results: dict[str, Result] = dict.fromkeys(
         recipients, Result("deferred", 451, "4.4.0 no address to deliver to")
@@ -316,6 +340,7 @@ async def deliver(
             recipients=pending,
             data=data,
             timeout=timeout,
+            cache=cache,
         )
         results.update(outcome)
         pending = tuple(r for r in pending if results[r].outcome == "deferred")
