@@ -11,8 +11,9 @@ delivery attempt and queue commands take it before they delete, bounce or resche
 administrator never removes a message in the middle of an attempt that then delivers it.
 
 A message exists once its ``queue/<id>.eml`` has been written, fsynced, renamed into place and
-the directory fsynced; only then does the relay answer 250. A state file is written the same
-way, but losing one is harmless: the message is merely tried again (at worst sent twice).
+the directory fsynced; only then does the relay answer 250. A state file is replaced the same
+way but not fsynced: losing one is harmless, the message is merely tried again (at worst
+sent twice).
 Directory fsyncs are grouped, so concurrent messages share one.
 """
 
@@ -111,8 +112,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durably(path: Path, chunks: list[bytes]) -> None:
-    """Write to a temporary name, fsync, rename into place (the caller fsyncs the directory)."""
+def _write_durably(path: Path, chunks: list[bytes], *, sync: bool = True) -> None:
+    """Write to a temporary name, fsync, rename into place (the caller fsyncs the directory).
+
+    Without ``sync`` the rename still replaces the file whole for every reader; only a
+    crash of the machine may lose it.
+    """
     tmp = path.with_name(f".tmp-{path.name}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
@@ -120,7 +125,8 @@ def _write_durably(path: Path, chunks: list[bytes]) -> None:
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -237,6 +243,7 @@ class Spool:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._queue_sync = _GroupSync(self.queue_dir)
         self._writers: ThreadPoolExecutor | None = None
+        self._held: dict[str, int] = {}  # queue id -> the descriptor `locked` holds
         self._queue_path = str(self.queue_dir)  # str paths: no pathlib cost per message
         self._state_path = str(self.state_dir)
 
@@ -382,7 +389,11 @@ class Spool:
             return QueueState()
 
     def save_state(self, queue_id: str, state: QueueState) -> None:
-        _write_durably(self.state_dir / f"{queue_id}.json", [_encode_state(state)])
+        """Replace the state file, without an fsync: losing it to a crash of the machine only
+        means a recipient may get the message again (as Postfix marks delivered recipients
+        in its queue file without an fsync), while an fsync for every deferral would bound a
+        queue run by the disk's flush rate."""
+        _write_durably(self.state_dir / f"{queue_id}.json", [_encode_state(state)], sync=False)
 
     def reschedule(self, queue_id: str, due: float) -> None:
         """Make a message due at ``due`` (used by ``queue flush``)."""
@@ -398,6 +409,7 @@ class Spool:
         except FileNotFoundError:
             yield False
             return
+        held = False
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -408,27 +420,36 @@ class Spool:
                     if time.monotonic() >= deadline:
                         raise Busy(queue_id) from None
                     time.sleep(0.05)
+            self._held[queue_id] = fd
+            held = True
             yield os.fstat(fd).st_nlink > 0  # removed between our open and our lock
         finally:
-            os.close(fd)
+            if not held or self._held.pop(queue_id, None) is not None:
+                os.close(fd)  # unless remove(release=True) closed it already
 
-    def remove(self, queue_id: str, *, durable: bool = False) -> bool:
+    def remove(self, queue_id: str, *, durable: bool = False, release: bool = False) -> bool:
         """Drop a message and its state; False if it was already gone.
 
         After a delivery no fsync is needed: if a crash undoes the unlink, the message is
         merely delivered again, which the relay's contract allows, and an fsync per
         delivered message would cost throughput. An administrator's delete or bounce is
-        ``durable``: a deleted message must not come back and be sent.
+        ``durable``: a deleted message must not come back and be sent. With ``release``
+        the lock `locked` holds on it is closed here too: the close frees the unlinked
+        file, work that belongs in the caller's thread, not on the event loop.
         """
         try:
-            (self.queue_dir / f"{queue_id}{_SUFFIX}").unlink()
-        except FileNotFoundError:
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / f"{queue_id}.json").unlink()
-        if durable:
-            _fsync_dir(self.queue_dir)
-        return True
+            try:
+                os.unlink(f"{self._queue_path}/{queue_id}{_SUFFIX}")
+            except FileNotFoundError:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self._state_path}/{queue_id}.json")
+            if durable:
+                _fsync_dir(self.queue_dir)
+            return True
+        finally:
+            if release and (fd := self._held.pop(queue_id, None)) is not None:
+                os.close(fd)
 
     def remove_orphans(self) -> int:
         """Delete temporary files and state files left by a crash; returns how many."""
