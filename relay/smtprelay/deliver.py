@@ -18,14 +18,15 @@ import functools
 import socket
 import ssl
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
 
 from smtprelay.config import TlsLevel
+from smtprelay.dsn import MailOptions, RecipientOptions
 from smtprelay.scache import ConnectionCache, Session, quit_politely
 from smtprelay.transcript import TranscribingSMTP
 
@@ -156,24 +157,70 @@ async def _secure(client: TranscribingSMTP, target: Target, policy: Policy, leve
     return "verified" if level == "verify" else "encrypted"
 
 
+@dataclass(frozen=True)
+class Carried:
+    """What the message carries to the next hop besides its data (see :mod:`smtprelay.dsn`)."""
+
+    options: MailOptions = field(default_factory=MailOptions)
+    recipients: Mapping[str, RecipientOptions] = field(default_factory=dict)
+
+
+def _mail_parameters(client: aiosmtplib.SMTP, carried: Carried) -> list[str] | str:
+    """MAIL FROM parameters for this hop, or why the message cannot go to it."""
+    options = carried.options
+    parameters: list[str] = []
+    if options.smtputf8:
+        if not client.supports_extension("smtputf8"):
+            return "553 5.6.7 the next hop does not offer SMTPUTF8, which this message's addresses need (RFC 6531)"
+        parameters.append("SMTPUTF8")
+    if options.body == "8BITMIME":
+        if not client.supports_extension("8bitmime"):
+            return "554 5.6.3 the next hop does not accept 8-bit data (RFC 6152) and the relay does not convert it"
+        parameters.append("BODY=8BITMIME")
+    if client.supports_extension("dsn"):
+        if options.ret:
+            parameters.append(f"RET={options.ret}")
+        if options.envid:
+            parameters.append(f"ENVID={options.envid}")
+    return parameters
+
+
+def _rcpt_parameters(client: aiosmtplib.SMTP, options: RecipientOptions) -> list[str]:
+    if not client.supports_extension("dsn"):
+        return []
+    parameters = [f"NOTIFY={','.join(options.notify)}"] if options.notify else []
+    return parameters + ([f"ORCPT={options.orcpt}"] if options.orcpt else [])
+
+
 async def _transaction(
     client: aiosmtplib.SMTP,
     sender: str,
     recipients: tuple[str, ...],
     data: bytes,
     template: Result,
+    carried: Carried,
 ) -> dict[str, Result]:
     """MAIL, RCPT per recipient, DATA for those accepted; a result per recipient."""
 
     def result(outcome: Outcome, code: int, text: str) -> Result:
         return replace(template, outcome=outcome, code=code, text=text)
 
-    await client.mail(sender)
+    if client.last_ehlo_response is None and client.last_helo_response is None:
+        await client.ehlo()
+    parameters = _mail_parameters(client, carried)
+    if isinstance(parameters, str):
+        code, _, text = parameters.partition(" ")
+        return dict.fromkeys(recipients, result("failed", int(code), text))
+    encoding = "utf-8" if carried.options.smtputf8 else "ascii"
+    await client.mail(sender, options=parameters, encoding=encoding)
     results: dict[str, Result] = {}
     accepted: list[str] = []
     for recipient in recipients:
+        options = carried.recipients.get(recipient, RecipientOptions())
         try:
-            reply = await client.rcpt(recipient)
+            reply = await client.rcpt(
+                recipient, options=_rcpt_parameters(client, options), encoding=encoding
+            )
         except aiosmtplib.SMTPRecipientRefused as error:
             results[recipient] = result(classify(error.code), error.code, error.message)
         else:
@@ -233,6 +280,7 @@ async def _deliver_once(
     sender: str,
     recipients: tuple[str, ...],
     data: bytes,
+    carried: Carried,
     timeout: float,
     cache: ConnectionCache | None,
 ) -> dict[str, Result]:
@@ -248,6 +296,7 @@ async def _deliver_once(
             recipients,
             data,
             Result("delivered", 0, "", target.address, session.channel, target.name),
+            carried,
         )
         finished = True
         return results
@@ -265,6 +314,7 @@ async def _try_target(
     sender: str,
     recipients: tuple[str, ...],
     data: bytes,
+    carried: Carried,
     timeout: float,
     cache: ConnectionCache | None,
 ) -> dict[str, Result]:
@@ -288,6 +338,7 @@ async def _try_target(
                 sender=sender,
                 recipients=recipients,
                 data=data,
+                carried=carried,
                 timeout=timeout,
                 cache=cache,
             )
@@ -317,6 +368,7 @@ async def deliver(
     sender: str,
     recipients: tuple[str, ...],
     data: bytes,
+    carried: Carried | None = None,
     timeout: float = 60.0,
     cache: ConnectionCache | None = None,
 ) -> dict[str, Result]:
@@ -339,6 +391,7 @@ async def deliver(
             sender=sender,
             recipients=pending,
             data=data,
+            carried=carried or Carried(),
             timeout=timeout,
             cache=cache,
         )

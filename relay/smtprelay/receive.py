@@ -8,6 +8,7 @@ delivery: the spool is the interface.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import errno
 import ipaddress
@@ -17,8 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
+from smtprelay import dsn
 from smtprelay.auth import FailureLimiter, Users
 from smtprelay.config import MailSettings
 from smtprelay.logs import debug_enabled, mail_log
@@ -27,6 +30,7 @@ from smtprelay.spool import Spool
 from smtprelay.transcript import mask_auth, record
 
 MAX_HOPS = 50
+PROXY_TIMEOUT = 10.0  # seconds a trusted load balancer has to send its PROXY header
 MAX_RECIPIENTS = 1000
 
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
@@ -101,6 +105,59 @@ def _protocol_names(cls: type) -> list[str]:
     return names
 
 
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus the DSN parameters, kept in their original case."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dsn_ret = ""
+        self.dsn_envid = ""
+        self.dsn_rcpts: list[dsn.RecipientOptions] = []
+
+
+def message_options(envelope: Envelope) -> dsn.MailOptions:
+    """What MAIL FROM asked for (DSN RET/ENVID, SMTPUTF8, BODY), as the spool keeps it."""
+    relay = envelope if isinstance(envelope, RelayEnvelope) else RelayEnvelope()
+    return dsn.MailOptions(
+        ret=relay.dsn_ret,
+        envid=relay.dsn_envid,
+        smtputf8=bool(envelope.smtp_utf8),
+        body="8BITMIME" if "BODY=8BITMIME" in envelope.mail_options else "",
+    )
+
+
+def recipient_options(envelope: Envelope) -> tuple[dsn.RecipientOptions, ...]:
+    """Each recipient's NOTIFY/ORCPT, in rcpt_tos order; () when no RCPT carried any."""
+    options = envelope.dsn_rcpts if isinstance(envelope, RelayEnvelope) else []
+    if all(option == dsn.RecipientOptions() for option in options):
+        return ()
+    return tuple(options)
+
+
+def _utf8_problem(address: str, smtputf8: bool) -> str | None:
+    """Why a non-ASCII address cannot be taken (RFC 6531), or None."""
+    if address.isascii():
+        return None
+    if not smtputf8:
+        return "is not ASCII: send MAIL FROM with SMTPUTF8"
+    try:
+        address.encode("utf-8")  # aiosmtpd keeps invalid bytes as surrogates
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    return None
+
+
+def _ascii_form(address: str) -> str:
+    """The address with its domain in A-labels (IDNA), for the syntax check."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return address  # the syntax check refuses it
+
+
 @dataclass(frozen=True)
 class _Unchecked:
     """Credentials aiosmtpd has parsed, waiting for the (slow, threaded) password check."""
@@ -123,9 +180,11 @@ class RelaySMTP(SMTP):
         *,
         users: Users | None = None,
         limiter: FailureLimiter | None = None,
+        proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        self._proxies = proxies or []
         self._users = users
         self._limiter = limiter or FailureLimiter()
         self._closing = False
@@ -139,6 +198,16 @@ class RelaySMTP(SMTP):
         # connection, evaluating each attribute (properties included) to find a handful of
         # methods: about a tenth of a session's CPU. Those names are fixed per class.
         return _protocol_names(type(self))
+
+    # --- PROXY protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A trusted load balancer must start with a PROXY header (aiosmtpd reads it, then
+        # calls handle_PROXY); anyone else gets plain SMTP, where PROXY is an unknown command.
+        address = client_ip(transport.get_extra_info("peername"))
+        trusted = address is not None and any(address in net for net in self._proxies)
+        self._proxy_timeout = PROXY_TIMEOUT if trusted else None
+        super().connection_made(transport)
 
     # --- transcript -------------------------------------------------------------------
 
@@ -156,6 +225,8 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: str) -> None:  # type: ignore[override]
         status = _ENHANCED.get(status, status)
+        if status == "250-8BITMIME":  # aiosmtpd has no DSN; offer it beside 8BITMIME
+            await self.push("250-DSN")
         if self._users is None and status.startswith("250-AUTH"):
             return  # aiosmtpd advertises AUTH under TLS; without a users file there is none
         if debug_enabled():
@@ -184,7 +255,32 @@ class RelaySMTP(SMTP):
         if self._closing:
             self._hang_up(SHUTTING_DOWN)
             return
+        try:
+            arg, found = dsn.split_dsn(arg or "")
+            ret, envid = dsn.mail_parameters(found)
+        except dsn.ParameterError as error:
+            await self.push(str(error))
+            return
+        envelope = self.envelope
         await super().smtp_MAIL(arg)
+        if isinstance(envelope, RelayEnvelope) and envelope.mail_from:  # accepted
+            envelope.dsn_ret, envelope.dsn_envid = ret, envid
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        try:
+            arg, found = dsn.split_dsn(arg or "")
+            options = dsn.rcpt_parameters(found)
+        except dsn.ParameterError as error:
+            await self.push(str(error))
+            return
+        envelope = self.envelope
+        before = len(envelope.rcpt_tos) if envelope is not None else 0
+        await super().smtp_RCPT(arg)
+        if isinstance(envelope, RelayEnvelope) and len(envelope.rcpt_tos) > before:
+            envelope.dsn_rcpts.append(options)  # accepted: one entry per rcpt_tos entry
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
 
     async def smtp_DATA(self, arg: str | None) -> None:
         await super().smtp_DATA(arg)
@@ -260,6 +356,23 @@ class RelayHandler:
         self._clock = clock
         self._networks = parse_networks(settings.allowed_networks)
 
+    async def handle_PROXY(
+        self, server: SMTP, session: Session, envelope: Envelope, proxy: ProxyData
+    ) -> bool:
+        """The load balancer names the real client: from now on the session's peer is it,
+        so allowedNetworks, the logs and Received: see the client, not the balancer."""
+        if proxy.src_addr is not None and client_ip((str(proxy.src_addr), 0)) is not None:
+            balancer = str(client_ip(session.peer))
+            # aiosmtpd annotates peer as a str; it holds the socket's peername tuple.
+            session.peer = (str(proxy.src_addr), proxy.src_port or 0)  # type: ignore[assignment]
+            mail_log().info(
+                "proxied",
+                client=str(client_ip(session.peer)),
+                balancer=balancer,
+                version=proxy.version,
+            )
+        return True  # LOCAL / UNKNOWN (health checks): the balancer's own address stays
+
     def may_relay(self, session: Session) -> bool:
         if session.authenticated:
             return True
@@ -283,7 +396,11 @@ class RelayHandler:
     ) -> str:
         if address == "<>":
             address = ""  # the null reverse-path of reports (RFC 5321 §4.5.5)
-        if address and not ADDRESS.match(address):
+        if problem := _utf8_problem(address, bool(envelope.smtp_utf8)):
+            return self._refuse(
+                session, "bad_sender", f"553 5.6.7 Sender address {problem}", sender=address
+            )
+        if address and not ADDRESS.match(_ascii_form(address)):
             return self._refuse(
                 session,
                 "bad_sender",
@@ -313,6 +430,14 @@ class RelayHandler:
             )
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
+        if problem := _utf8_problem(address, bool(envelope.smtp_utf8)):
+            return self._refuse(
+                session,
+                "bad_recipient",
+                f"553 5.6.7 Recipient address {problem}",
+                sender=envelope.mail_from,
+                recipient=address,
+            )
         if BARE_USER.match(address):
             if self._settings.default_mail_host is None:
                 return self._refuse(
@@ -323,7 +448,7 @@ class RelayHandler:
                     recipient=address,
                 )
             address = f"{address}@{self._settings.default_mail_host}"
-        elif not ADDRESS.match(address):
+        elif not ADDRESS.match(_ascii_form(address)):
             return self._refuse(
                 session,
                 "bad_recipient",
@@ -372,6 +497,8 @@ class RelayHandler:
                 data=trace + data,
                 client=peer,
                 queue_id=queue_id,
+                options=message_options(envelope),
+                recipient_options=recipient_options(envelope),
             )
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):

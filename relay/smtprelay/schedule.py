@@ -19,7 +19,8 @@ from pathlib import Path
 
 from smtprelay import bounce
 from smtprelay.config import MailSettings, split_hostport
-from smtprelay.deliver import Credentials, Policy, Result, Target, deliver
+from smtprelay.deliver import Carried, Credentials, Policy, Result, Target, deliver
+from smtprelay.dsn import MailOptions
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
@@ -272,6 +273,10 @@ class Scheduler:
             sender=envelope.sender,
             recipients=recipients,
             data=data,
+            carried=Carried(
+                options=envelope.options,
+                recipients={r: envelope.options_of(r) for r in recipients},
+            ),
             cache=self.connections,
         )
 
@@ -283,25 +288,38 @@ class Scheduler:
     async def _return_to_sender(
         self, envelope: Envelope, data: bytes, failures: list[bounce.Failure]
     ) -> None:
-        if not envelope.sender:
+        kind = "DELAY" if failures[0].action == "delayed" else "FAILURE"
+        unwanted = [f for f in failures if not envelope.options_of(f.recipient).wants(kind)]
+        if not envelope.sender or unwanted:
             mail_log().warning(
                 "bounce_suppressed",
                 queue_id=envelope.id,
-                reason="null sender",
-                recipients=[f.recipient for f in failures],
+                reason="null sender" if not envelope.sender else f"NOTIFY without {kind}",
+                recipients=[f.recipient for f in (failures if not envelope.sender else unwanted)],
             )
+        failures = [f for f in failures if f not in unwanted]
+        if not envelope.sender or not failures:
             return
         report = bounce.build_report(
             queue_id=envelope.id,
             sender=envelope.sender,
-            failures=failures,
+            failures=[
+                replace(f, original_recipient=envelope.options_of(f.recipient).orcpt)
+                for f in failures
+            ],
             headers=bounce.original_headers(data),
             hostname=self._hostname,
             arrival=envelope.received,
             now=self._clock(),
+            envid=envelope.options.envid,
+            full=data if envelope.options.ret == "FULL" else None,
         )
         returned = await self._spool.enqueue(
-            sender="", recipients=(envelope.sender,), data=report, client="bounce"
+            sender="",
+            recipients=(envelope.sender,),
+            data=report,
+            client="bounce",
+            options=MailOptions(smtputf8=not envelope.sender.isascii()),
         )
         delayed = failures[0].action == "delayed"
         if not delayed:

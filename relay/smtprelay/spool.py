@@ -32,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smtprelay.dsn import MailOptions, RecipientOptions
+
 _QUEUE = "queue"
 _STATE = "state"
 _SUFFIX = ".eml"
@@ -52,6 +54,16 @@ class Envelope:
     recipients: tuple[str, ...]
     received: float
     client: str = ""
+    options: MailOptions = field(default_factory=MailOptions)
+    # NOTIFY/ORCPT per recipient, in the order of recipients; () when no RCPT carried any.
+    recipient_options: tuple[RecipientOptions, ...] = ()
+
+    def options_of(self, recipient: str) -> RecipientOptions:
+        if self.recipient_options:
+            for address, options in zip(self.recipients, self.recipient_options, strict=True):
+                if address == recipient:
+                    return options
+        return RecipientOptions()
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,11 @@ def _encode_envelope(envelope: Envelope) -> bytes:
         "received": envelope.received,
         "client": envelope.client,
     }
+    # Written only when present, so envelopes stay what older relays wrote and read.
+    if options := envelope.options.to_json():
+        header["options"] = options
+    if envelope.recipient_options:
+        header["recipient_options"] = [o.to_json() for o in envelope.recipient_options]
     return json.dumps(header, separators=(",", ":")).encode() + b"\n"
 
 
@@ -203,6 +220,10 @@ def _decode_envelope(line: bytes) -> Envelope:
         recipients=tuple(header["recipients"]),
         received=header["received"],
         client=header.get("client", ""),
+        options=MailOptions.from_json(header.get("options")),
+        recipient_options=tuple(
+            RecipientOptions.from_json(o) for o in header.get("recipient_options", ())
+        ),
     )
 
 
@@ -279,6 +300,8 @@ class Spool:
         data: bytes,
         client: str = "",
         queue_id: str | None = None,
+        options: MailOptions | None = None,
+        recipient_options: tuple[RecipientOptions, ...] = (),
     ) -> Envelope:
         """Store a message durably; when this returns, the message survives any crash."""
         now = self._clock()
@@ -288,6 +311,8 @@ class Spool:
             recipients=recipients,
             received=now,
             client=client,
+            options=options or MailOptions(),
+            recipient_options=recipient_options,
         )
         path = self.queue_dir / f"{envelope.id}{_SUFFIX}"
         if self._writers is None:
