@@ -23,7 +23,7 @@ class Failure:
     status: str  # RFC 3463 enhanced status code, e.g. 5.1.1
     diagnostic: str  # the remote reply or our own reason
     remote_mta: str = ""
-    action: str = "failed"  # or "delayed": still queued, still being retried
+    action: str = "failed"  # "delayed": still being retried; "relayed": to a non-DSN hop
     original_recipient: str = ""  # the client's ORCPT (addr-type;xtext), if any
 
 
@@ -36,8 +36,27 @@ def address_field(address: str) -> str:
     return f"utf-8; {escaped}"
 
 
-def _delayed(failures: list[Failure]) -> bool:
-    return all(failure.action == "delayed" for failure in failures)
+_INTRO = {
+    "failed": ["Your message could not be delivered to the following recipients:"],
+    "delayed": [
+        "Your message has not been delivered yet to the following recipients.",
+        "The relay keeps trying; you will hear again only if it gives up.",
+    ],
+    "relayed": [
+        "Your message was relayed to the following recipients through a system that",
+        "does not return delivery notices; you asked (NOTIFY=SUCCESS) to be told:",
+    ],
+}
+_SUBJECT = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+    "relayed": "Successful Mail Relay Report",
+}
+
+
+def _action(failures: list[Failure]) -> str:
+    """What one report is about: every entry of a report has the same action."""
+    return failures[0].action
 
 
 def original_headers(data: bytes) -> bytes:
@@ -50,13 +69,7 @@ def original_headers(data: bytes) -> bytes:
 
 
 def _text_part(failures: list[Failure], hostname: str) -> str:
-    if _delayed(failures):
-        intro = [
-            "Your message has not been delivered yet to the following recipients.",
-            "The relay keeps trying; you will hear again only if it gives up.",
-        ]
-    else:
-        intro = ["Your message could not be delivered to the following recipients:"]
+    intro = _INTRO[_action(failures)]
     lines = [f"This is the mail relay at {hostname}.", "", *intro, ""]
     lines += [f"  <{f.recipient}>: {f.diagnostic}" for f in failures]
     lines += ["", "Your message (or its headers) is attached."]
@@ -106,11 +119,7 @@ def build_report(
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = sender
-    report["Subject"] = (
-        "Delayed Mail (still being retried)"
-        if _delayed(failures)
-        else "Undelivered Mail Returned to Sender"
-    )
+    report["Subject"] = _SUBJECT[_action(failures)]
     report["Date"] = email.utils.formatdate(now)
     report["Message-ID"] = email.utils.make_msgid(idstring=queue_id, domain=hostname)
     report["Auto-Submitted"] = "auto-replied"

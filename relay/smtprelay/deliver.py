@@ -43,6 +43,7 @@ class Result:
     host: str = ""  # the address the relay talked to
     tls: str = ""  # "verified", "encrypted" or "" (plaintext) for the connection used
     name: str = ""  # that host's name (MX, gateway), as a certificate would carry it
+    dsn: bool = False  # the host offered DSN, so it reports on the recipient from now on
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ async def _transaction(
 
     if client.last_ehlo_response is None and client.last_helo_response is None:
         await client.ehlo()
+    template = replace(template, dsn=client.supports_extension("dsn"))
     parameters = _mail_parameters(client, carried)
     if isinstance(parameters, str):
         code, _, text = parameters.partition(" ")

@@ -21,9 +21,15 @@ from typing import Any
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from smtprelay import dsn
 from smtprelay.auth import FailureLimiter, Users
 from smtprelay.config import MailSettings
+from smtprelay.esmtp import (
+    EsmtpParameters,
+    ascii_form,
+    message_options,
+    recipient_options,
+    utf8_problem,
+)
 from smtprelay.logs import debug_enabled, mail_log
 from smtprelay.metrics import METRICS
 from smtprelay.spool import Spool
@@ -105,59 +111,6 @@ def _protocol_names(cls: type) -> list[str]:
     return names
 
 
-class RelayEnvelope(Envelope):
-    """aiosmtpd's envelope plus the DSN parameters, kept in their original case."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dsn_ret = ""
-        self.dsn_envid = ""
-        self.dsn_rcpts: list[dsn.RecipientOptions] = []
-
-
-def message_options(envelope: Envelope) -> dsn.MailOptions:
-    """What MAIL FROM asked for (DSN RET/ENVID, SMTPUTF8, BODY), as the spool keeps it."""
-    relay = envelope if isinstance(envelope, RelayEnvelope) else RelayEnvelope()
-    return dsn.MailOptions(
-        ret=relay.dsn_ret,
-        envid=relay.dsn_envid,
-        smtputf8=bool(envelope.smtp_utf8),
-        body="8BITMIME" if "BODY=8BITMIME" in envelope.mail_options else "",
-    )
-
-
-def recipient_options(envelope: Envelope) -> tuple[dsn.RecipientOptions, ...]:
-    """Each recipient's NOTIFY/ORCPT, in rcpt_tos order; () when no RCPT carried any."""
-    options = envelope.dsn_rcpts if isinstance(envelope, RelayEnvelope) else []
-    if all(option == dsn.RecipientOptions() for option in options):
-        return ()
-    return tuple(options)
-
-
-def _utf8_problem(address: str, smtputf8: bool) -> str | None:
-    """Why a non-ASCII address cannot be taken (RFC 6531), or None."""
-    if address.isascii():
-        return None
-    if not smtputf8:
-        return "is not ASCII: send MAIL FROM with SMTPUTF8"
-    try:
-        address.encode("utf-8")  # aiosmtpd keeps invalid bytes as surrogates
-    except UnicodeEncodeError:
-        return "is not valid UTF-8"
-    return None
-
-
-def _ascii_form(address: str) -> str:
-    """The address with its domain in A-labels (IDNA), for the syntax check."""
-    local, at, domain = address.rpartition("@")
-    if not at or domain.isascii():
-        return address
-    try:
-        return f"{local}@{domain.encode('idna').decode('ascii')}"
-    except UnicodeError:
-        return address  # the syntax check refuses it
-
-
 @dataclass(frozen=True)
 class _Unchecked:
     """Credentials aiosmtpd has parsed, waiting for the (slow, threaded) password check."""
@@ -166,10 +119,11 @@ class _Unchecked:
     credentials: LoginPassword
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(EsmtpParameters, SMTP):
     """aiosmtpd's protocol, with what a production front door adds to it.
 
-    RFC 3463 status codes on its stock size and line replies; AUTH PLAIN/LOGIN against the
+    RFC 3463 status codes on its stock size and line replies; DSN, SMTPUTF8 and BODY
+    parameters kept (see :mod:`smtprelay.esmtp`); PROXY from trusted balancers; AUTH PLAIN/LOGIN against the
     users file, checked off the event loop and rate limited per client address; a graceful
     stop (``shut_down``); and, with ``logging.debug``, a transcript of the session.
     """
@@ -255,32 +209,7 @@ class RelaySMTP(SMTP):
         if self._closing:
             self._hang_up(SHUTTING_DOWN)
             return
-        try:
-            arg, found = dsn.split_dsn(arg or "")
-            ret, envid = dsn.mail_parameters(found)
-        except dsn.ParameterError as error:
-            await self.push(str(error))
-            return
-        envelope = self.envelope
         await super().smtp_MAIL(arg)
-        if isinstance(envelope, RelayEnvelope) and envelope.mail_from:  # accepted
-            envelope.dsn_ret, envelope.dsn_envid = ret, envid
-
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        try:
-            arg, found = dsn.split_dsn(arg or "")
-            options = dsn.rcpt_parameters(found)
-        except dsn.ParameterError as error:
-            await self.push(str(error))
-            return
-        envelope = self.envelope
-        before = len(envelope.rcpt_tos) if envelope is not None else 0
-        await super().smtp_RCPT(arg)
-        if isinstance(envelope, RelayEnvelope) and len(envelope.rcpt_tos) > before:
-            envelope.dsn_rcpts.append(options)  # accepted: one entry per rcpt_tos entry
-
-    def _create_envelope(self) -> RelayEnvelope:
-        return RelayEnvelope()
 
     async def smtp_DATA(self, arg: str | None) -> None:
         await super().smtp_DATA(arg)
@@ -396,11 +325,11 @@ class RelayHandler:
     ) -> str:
         if address == "<>":
             address = ""  # the null reverse-path of reports (RFC 5321 §4.5.5)
-        if problem := _utf8_problem(address, bool(envelope.smtp_utf8)):
+        if problem := utf8_problem(address, bool(envelope.smtp_utf8)):
             return self._refuse(
                 session, "bad_sender", f"553 5.6.7 Sender address {problem}", sender=address
             )
-        if address and not ADDRESS.match(_ascii_form(address)):
+        if address and not ADDRESS.match(ascii_form(address)):
             return self._refuse(
                 session,
                 "bad_sender",
@@ -430,7 +359,7 @@ class RelayHandler:
             )
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
-        if problem := _utf8_problem(address, bool(envelope.smtp_utf8)):
+        if problem := utf8_problem(address, bool(envelope.smtp_utf8)):
             return self._refuse(
                 session,
                 "bad_recipient",
@@ -448,7 +377,7 @@ class RelayHandler:
                     recipient=address,
                 )
             address = f"{address}@{self._settings.default_mail_host}"
-        elif not ADDRESS.match(_ascii_form(address)):
+        elif not ADDRESS.match(ascii_form(address)):
             return self._refuse(
                 session,
                 "bad_recipient",

@@ -175,6 +175,7 @@ class Scheduler:
         delivered: set[str] = set()
         failures: list[bounce.Failure] = []
         delayed: list[bounce.Failure] = []
+        relayed: list[bounce.Failure] = []  # NOTIFY=SUCCESS to a hop without DSN
         for route, results in zip(groups, outcomes, strict=True):
             for recipient, result in results.items():
                 outcome = result.outcome
@@ -182,21 +183,23 @@ class Scheduler:
                     outcome = "failed"
                 self._log_attempt(envelope, attempt, route, recipient, result, outcome)
                 METRICS.attempts.labels(route=route.kind, outcome=outcome).inc()
+                report = bounce.Failure(
+                    recipient=recipient,
+                    status=bounce.status_for(result.code, result.text),
+                    diagnostic=f"{result.code} {result.text}",
+                    remote_mta=result.name or result.host,
+                    action={"delivered": "relayed", "deferred": "delayed"}.get(outcome, outcome),
+                )
                 if outcome == "delivered":
                     delivered.add(recipient)
                     METRICS.latency.observe(self._clock() - envelope.received)
+                    if not result.dsn and envelope.options_of(recipient).wants("SUCCESS"):
+                        relayed.append(report)
                 else:
-                    (failures if outcome == "failed" else delayed).append(
-                        bounce.Failure(
-                            recipient=recipient,
-                            status=bounce.status_for(result.code, result.text),
-                            diagnostic=f"{result.code} {result.text}",
-                            remote_mta=result.name or result.host,
-                            action=outcome if outcome == "failed" else "delayed",
-                        )
-                    )
-        if failures:
-            await self._return_to_sender(envelope, data, failures)
+                    (failures if outcome == "failed" else delayed).append(report)
+        for notices in (failures, relayed):
+            if notices:
+                await self._return_to_sender(envelope, data, notices)
         warn = delayed and self._warning_due(envelope, state, started)
         if warn:
             await self._return_to_sender(envelope, data, delayed)
@@ -288,7 +291,7 @@ class Scheduler:
     async def _return_to_sender(
         self, envelope: Envelope, data: bytes, failures: list[bounce.Failure]
     ) -> None:
-        kind = "DELAY" if failures[0].action == "delayed" else "FAILURE"
+        kind = {"delayed": "DELAY", "relayed": "SUCCESS"}.get(failures[0].action, "FAILURE")
         unwanted = [f for f in failures if not envelope.options_of(f.recipient).wants(kind)]
         if not envelope.sender or unwanted:
             mail_log().warning(
@@ -321,11 +324,11 @@ class Scheduler:
             client="bounce",
             options=MailOptions(smtputf8=not envelope.sender.isascii()),
         )
-        delayed = failures[0].action == "delayed"
-        if not delayed:
+        action = failures[0].action
+        if action == "failed":
             METRICS.bounced.inc(len(failures))
         mail_log().info(
-            "delay_notice" if delayed else "bounced",
+            {"delayed": "delay_notice", "relayed": "relay_notice"}.get(action, "bounced"),
             queue_id=envelope.id,
             report_id=returned.id,
             sender=envelope.sender,

@@ -105,6 +105,8 @@ class TestPassedOn:
         text = dump.read_text(errors="replace")
         assert "X-Mail-Args: <alice@sender.test> RET=HDRS ENVID=Q1-AbC+2Bz" in text
         assert "X-Rcpt-Args: <bob@x.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Bob@X.test" in text
+        wait_for(lambda: relay.queued() == [], what="the spool to empty")
+        assert relay.events("relay_notice") == []  # the DSN-capable hop reports from here
 
     def test_a_utf8_address_goes_to_a_smtputf8_hop_and_is_returned_by_one_without(
         self, dns: Dnsmasq, start_sink: Start, start_relay: Start, smtp_port: int
@@ -132,6 +134,31 @@ class TestPassedOn:
         assert "SMTPUTF8" in status
         assert ascii_only.messages == []
 
+    def test_8bitmime_goes_to_a_hop_offering_it_and_is_returned_by_one_without(
+        self, dns: Dnsmasq, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """BODY=8BITMIME: delivered where 8BITMIME is offered; a 7-bit-only hop (aiosmtpd
+        decoding data offers none) is not sent 8-bit data: the sender gets 5.6.3."""
+        eight: Sink = start_sink("127.0.0.8", smtp_port)
+        seven: Sink = start_sink("127.0.0.9", smtp_port, decode_data=True)
+        sender_mx: Sink = start_sink("127.0.0.6", smtp_port)
+        relay: Relay = start_relay(
+            {"dnsServers": [dns.server], "delivery": {"port": smtp_port, "queueTimer": "1h"}}
+        )
+        body = message("alice@sender.test", ["a@utf8.test"], body="Grüße\n")
+        _transaction(
+            relay,
+            "alice@sender.test",
+            ["BODY=8BITMIME"],
+            [("a@utf8.test", []), ("b@ascii.test", [])],
+            data=body,
+        )
+        [got] = eight.wait_for_messages()
+        assert got.recipients == ("a@utf8.test",)
+        [report] = sender_mx.wait_for_messages()
+        assert "Status: 5.6.3" in list(report.message.iter_parts())[1].as_string()
+        assert seven.messages == []
+
 
 class TestOwnReports:
     def _relay(
@@ -155,6 +182,19 @@ class TestOwnReports:
         wait_for(lambda: relay.queued() == [], what="the failed message to leave")
         assert relay.events("bounced") == []
         assert sender_mx.messages == []
+
+    def test_notify_success_through_a_hop_without_dsn_gets_a_relayed_notice(
+        self, dns: Dnsmasq, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """The aiosmtpd MX offers no DSN: the relay itself says Action: relayed, once."""
+        start_sink("127.0.0.8", smtp_port)
+        relay, sender_mx = self._relay(dns, start_sink, start_relay, smtp_port)
+        _transaction(relay, "alice@sender.test", [], [("bob@utf8.test", ["NOTIFY=SUCCESS"])])
+        [got] = sender_mx.wait_for_messages()
+        assert got.message["Subject"] == "Successful Mail Relay Report"
+        status = list(got.message.iter_parts())[1].as_string()
+        assert "Action: relayed" in status
+        assert "Final-Recipient: rfc822; bob@utf8.test" in status
 
     @pytest.mark.parametrize("ret", ["HDRS", "FULL"])
     def test_ret_envid_and_orcpt_shape_the_report(
