@@ -8,9 +8,11 @@ which a pytest tmp_path (mode 0700, root's) does not allow.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from bench import queue_scale, throughput
+from bench import operator_scale, queue_scale, throughput
 
 
 class TestThroughput:
@@ -45,3 +47,21 @@ class TestQueueScale:
         assert code == 0, out
         assert "(30 listed)" in out
         assert "queue run, messages tried a second" in out
+
+
+@pytest.mark.cluster
+class TestOperatorScale:
+    def test_a_few_relays_converge_and_idle(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Three SmtpRelays at once, four while idle for a few seconds: all Ready, reported."""
+        code = operator_scale.main(
+            [
+                *("--relays", "3", "--idle-relays", "4", "--idle-seconds", "3"),
+                *("--settle", "1", "--timeout", "180", "--json", str(tmp_path / "r.json")),
+            ]
+        )
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "until every one is Ready" in out
+        assert "idle: operator CPU" in out
