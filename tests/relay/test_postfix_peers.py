@@ -44,8 +44,10 @@ class TestPostfixPeers:
         assert result.returncode == 0, result.stderr
 
         def dumped() -> list[Path]:
+            # smtp-sink creates a transaction's file at MAIL FROM and fills it at the end
             files = [p for p in dumps.iterdir() if p.name.startswith("msg.")]
-            return files if len(files) >= MESSAGES else []
+            complete = len(files) >= MESSAGES and all(p.stat().st_size for p in files)
+            return files if complete else []
 
         files = wait_for(dumped, timeout=60, what=f"{MESSAGES} messages at smtp-sink")
         assert len(files) == MESSAGES
