@@ -17,14 +17,17 @@ import asyncio
 import functools
 import socket
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
 
 from smtprelay.config import TlsLevel
+from smtprelay.dsn import MailOptions, RecipientOptions
+from smtprelay.scache import ConnectionCache, Session, quit_politely
 from smtprelay.transcript import TranscribingSMTP
 
 Outcome = Literal["delivered", "deferred", "failed"]
@@ -40,6 +43,7 @@ class Result:
     host: str = ""  # the address the relay talked to
     tls: str = ""  # "verified", "encrypted" or "" (plaintext) for the connection used
     name: str = ""  # that host's name (MX, gateway), as a certificate would carry it
+    dsn: bool = False  # the host offered DSN, so it reports on the recipient from now on
 
 
 @dataclass(frozen=True)
@@ -154,24 +158,71 @@ async def _secure(client: TranscribingSMTP, target: Target, policy: Policy, leve
     return "verified" if level == "verify" else "encrypted"
 
 
+@dataclass(frozen=True)
+class Carried:
+    """What the message carries to the next hop besides its data (see :mod:`smtprelay.dsn`)."""
+
+    options: MailOptions = field(default_factory=MailOptions)
+    recipients: Mapping[str, RecipientOptions] = field(default_factory=dict)
+
+
+def _mail_parameters(client: aiosmtplib.SMTP, carried: Carried) -> list[str] | str:
+    """MAIL FROM parameters for this hop, or why the message cannot go to it."""
+    options = carried.options
+    parameters: list[str] = []
+    if options.smtputf8:
+        if not client.supports_extension("smtputf8"):
+            return "553 5.6.7 the next hop does not offer SMTPUTF8, which this message's addresses need (RFC 6531)"
+        parameters.append("SMTPUTF8")
+    if options.body == "8BITMIME":
+        if not client.supports_extension("8bitmime"):
+            return "554 5.6.3 the next hop does not accept 8-bit data (RFC 6152) and the relay does not convert it"
+        parameters.append("BODY=8BITMIME")
+    if client.supports_extension("dsn"):
+        if options.ret:
+            parameters.append(f"RET={options.ret}")
+        if options.envid:
+            parameters.append(f"ENVID={options.envid}")
+    return parameters
+
+
+def _rcpt_parameters(client: aiosmtplib.SMTP, options: RecipientOptions) -> list[str]:
+    if not client.supports_extension("dsn"):
+        return []
+    parameters = [f"NOTIFY={','.join(options.notify)}"] if options.notify else []
+    return parameters + ([f"ORCPT={options.orcpt}"] if options.orcpt else [])
+
+
 async def _transaction(
-    client: TranscribingSMTP,
+    client: aiosmtplib.SMTP,
     sender: str,
     recipients: tuple[str, ...],
     data: bytes,
     template: Result,
+    carried: Carried,
 ) -> dict[str, Result]:
     """MAIL, RCPT per recipient, DATA for those accepted; a result per recipient."""
 
     def result(outcome: Outcome, code: int, text: str) -> Result:
         return replace(template, outcome=outcome, code=code, text=text)
 
-    await client.mail(sender)
+    if client.last_ehlo_response is None and client.last_helo_response is None:
+        await client.ehlo()
+    template = replace(template, dsn=client.supports_extension("dsn"))
+    parameters = _mail_parameters(client, carried)
+    if isinstance(parameters, str):
+        code, _, text = parameters.partition(" ")
+        return dict.fromkeys(recipients, result("failed", int(code), text))
+    encoding = "utf-8" if carried.options.smtputf8 else "ascii"
+    await client.mail(sender, options=parameters, encoding=encoding)
     results: dict[str, Result] = {}
     accepted: list[str] = []
     for recipient in recipients:
+        options = carried.recipients.get(recipient, RecipientOptions())
         try:
-            reply = await client.rcpt(recipient)
+            reply = await client.rcpt(
+                recipient, options=_rcpt_parameters(client, options), encoding=encoding
+            )
         except aiosmtplib.SMTPRecipientRefused as error:
             results[recipient] = result(classify(error.code), error.code, error.message)
         else:
@@ -189,17 +240,10 @@ async def _transaction(
     return results
 
 
-async def _deliver_once(
-    *,
-    target: Target,
-    policy: Policy,
-    level: TlsLevel,
-    helo: str,
-    sender: str,
-    recipients: tuple[str, ...],
-    data: bytes,
-    timeout: float,
-) -> dict[str, Result]:
+async def _open(
+    *, target: Target, policy: Policy, level: TlsLevel, helo: str, timeout: float
+) -> Session:
+    """A new session: connect, greeting, EHLO, STARTTLS and AUTH as the policy asks."""
     sock = await _connect(target, timeout)
     client = TranscribingSMTP(
         hostname=target.name,
@@ -223,18 +267,45 @@ async def _deliver_once(
             if channel == "" or level not in ("verify", "encrypt"):
                 raise _Deferred(451, f"4.7.0 credentials for {target.name} need TLS")
             await client.login(policy.credentials.username, policy.credentials.password)
-        return await _transaction(
-            client,
+    except BaseException:
+        await quit_politely(client)
+        raise
+    return Session(client, channel, time.monotonic())
+
+
+async def _deliver_once(
+    *,
+    target: Target,
+    policy: Policy,
+    level: TlsLevel,
+    helo: str,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: bytes,
+    carried: Carried,
+    timeout: float,
+    cache: ConnectionCache | None,
+) -> dict[str, Result]:
+    key = (target, policy, level)
+    session = await cache.take(key) if cache is not None else None
+    if session is None:
+        session = await _open(target=target, policy=policy, level=level, helo=helo, timeout=timeout)
+    finished = False
+    try:
+        results = await _transaction(
+            session.client,
             sender,
             recipients,
             data,
-            Result("delivered", 0, "", target.address, channel, target.name),
+            Result("delivered", 0, "", target.address, session.channel, target.name),
+            carried,
         )
+        finished = True
+        return results
     finally:
-        try:
-            await client.quit()
-        except (aiosmtplib.SMTPException, OSError):
-            client.close()
+        # a session whose transaction ended with a reply (any reply) can carry the next one
+        if not (finished and cache is not None and cache.put(key, session)):
+            await quit_politely(session.client)
 
 
 async def _try_target(
@@ -245,7 +316,9 @@ async def _try_target(
     sender: str,
     recipients: tuple[str, ...],
     data: bytes,
+    carried: Carried,
     timeout: float,
+    cache: ConnectionCache | None,
 ) -> dict[str, Result]:
     """One host; under ``may`` a failed handshake is followed by plaintext on a fresh
     connection in the same attempt (as Postfix does), since unverified TLS protects only
@@ -267,7 +340,9 @@ async def _try_target(
                 sender=sender,
                 recipients=recipients,
                 data=data,
+                carried=carried,
                 timeout=timeout,
+                cache=cache,
             )
         except _Deferred as refused:
             if refused.handshake and level == "may" and policy.credentials is None:
@@ -295,13 +370,16 @@ async def deliver(
     sender: str,
     recipients: tuple[str, ...],
     data: bytes,
+    carried: Carried | None = None,
     timeout: float = 60.0,
+    cache: ConnectionCache | None = None,
 ) -> dict[str, Result]:
     """Try ``targets`` in order within this one attempt, each with what is still deferred.
 
     A connection failure, a TLS failure under encrypt/verify, a refusing greeting or a 4xx
     moves the deferred recipients on to the next host (RFC 5321 §5.1; Postfix's relayhost
     list); delivered and failed ones are settled. A 5xx to MAIL FROM fails every recipient.
+    With a ``cache``, a host's session is reused for the next message (see scache).
     """
     results: dict[str, Result] = dict.fromkeys(
         recipients, Result("deferred", 451, "4.4.0 no address to deliver to")
@@ -315,7 +393,9 @@ async def deliver(
             sender=sender,
             recipients=pending,
             data=data,
+            carried=carried or Carried(),
             timeout=timeout,
+            cache=cache,
         )
         results.update(outcome)
         pending = tuple(r for r in pending if results[r].outcome == "deferred")

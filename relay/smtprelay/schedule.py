@@ -19,10 +19,12 @@ from pathlib import Path
 
 from smtprelay import bounce
 from smtprelay.config import MailSettings, split_hostport
-from smtprelay.deliver import Credentials, Policy, Result, Target, deliver
+from smtprelay.deliver import Carried, Credentials, Policy, Result, Target, deliver
+from smtprelay.dsn import MailOptions
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
+from smtprelay.scache import ConnectionCache
 from smtprelay.spool import Busy, Envelope, QueueState, Spool
 
 
@@ -56,6 +58,8 @@ class Scheduler:
         self._active: dict[str, asyncio.Task[float | None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        # sessions to gateways and MX hosts outlive one message (Postfix's scache)
+        self.connections = ConnectionCache(max_idle=setup().settings.delivery.concurrency)
 
     @property
     def queued(self) -> int:
@@ -94,6 +98,11 @@ class Scheduler:
             return
         self._due[queue_id] = due
         heapq.heappush(self._heap, (due, queue_id))
+        if len(self._heap) > 2 * len(self._due) + 1024:
+            # superseded entries (a flush, a deferral) would otherwise stay until their old
+            # due time: rebuild, so the heap follows the queue's length, not its history
+            self._heap = [(when, qid) for qid, when in self._due.items()]
+            heapq.heapify(self._heap)
         self._wake.set()
 
     async def run(self) -> None:
@@ -135,6 +144,7 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.connections.close()
 
     async def _attempt(self, queue_id: str) -> float | None:
         """One attempt; returns when the message is due again, or None when it is done."""
@@ -173,6 +183,7 @@ class Scheduler:
         delivered: set[str] = set()
         failures: list[bounce.Failure] = []
         delayed: list[bounce.Failure] = []
+        relayed: list[bounce.Failure] = []  # NOTIFY=SUCCESS to a hop without DSN
         for route, results in zip(groups, outcomes, strict=True):
             for recipient, result in results.items():
                 outcome = result.outcome
@@ -180,21 +191,23 @@ class Scheduler:
                     outcome = "failed"
                 self._log_attempt(envelope, attempt, route, recipient, result, outcome)
                 METRICS.attempts.labels(route=route.kind, outcome=outcome).inc()
+                report = bounce.Failure(
+                    recipient=recipient,
+                    status=bounce.status_for(result.code, result.text),
+                    diagnostic=f"{result.code} {result.text}",
+                    remote_mta=result.name or result.host,
+                    action={"delivered": "relayed", "deferred": "delayed"}.get(outcome, outcome),
+                )
                 if outcome == "delivered":
                     delivered.add(recipient)
                     METRICS.latency.observe(self._clock() - envelope.received)
+                    if not result.dsn and envelope.options_of(recipient).wants("SUCCESS"):
+                        relayed.append(report)
                 else:
-                    (failures if outcome == "failed" else delayed).append(
-                        bounce.Failure(
-                            recipient=recipient,
-                            status=bounce.status_for(result.code, result.text),
-                            diagnostic=f"{result.code} {result.text}",
-                            remote_mta=result.name or result.host,
-                            action=outcome if outcome == "failed" else "delayed",
-                        )
-                    )
-        if failures:
-            await self._return_to_sender(setup.hostname, envelope, data, failures)
+                    (failures if outcome == "failed" else delayed).append(report)
+        for notices in (failures, relayed):
+            if notices:
+                await self._return_to_sender(setup.hostname, envelope, data, notices)
         warn = delayed and self._warning_due(settings, envelope, state, started)
         if warn:
             await self._return_to_sender(setup.hostname, envelope, data, delayed)
@@ -211,7 +224,7 @@ class Scheduler:
             due = started + settings.delivery.queue_timer
             await asyncio.to_thread(self._spool.defer, queue_id, new_state, due)
             return due
-        await asyncio.to_thread(self._spool.remove, queue_id)
+        await asyncio.to_thread(self._spool.remove, queue_id, release=True)
         return None
 
     async def _targets(
@@ -278,6 +291,11 @@ class Scheduler:
             sender=envelope.sender,
             recipients=recipients,
             data=data,
+            carried=Carried(
+                options=envelope.options,
+                recipients={r: envelope.options_of(r) for r in recipients},
+            ),
+            cache=self.connections,
         )
 
     def _warning_due(
@@ -290,31 +308,44 @@ class Scheduler:
     async def _return_to_sender(
         self, hostname: str, envelope: Envelope, data: bytes, failures: list[bounce.Failure]
     ) -> None:
-        if not envelope.sender:
+        kind = {"delayed": "DELAY", "relayed": "SUCCESS"}.get(failures[0].action, "FAILURE")
+        unwanted = [f for f in failures if not envelope.options_of(f.recipient).wants(kind)]
+        if not envelope.sender or unwanted:
             mail_log().warning(
                 "bounce_suppressed",
                 queue_id=envelope.id,
-                reason="null sender",
-                recipients=[f.recipient for f in failures],
+                reason="null sender" if not envelope.sender else f"NOTIFY without {kind}",
+                recipients=[f.recipient for f in (failures if not envelope.sender else unwanted)],
             )
+        failures = [f for f in failures if f not in unwanted]
+        if not envelope.sender or not failures:
             return
         report = bounce.build_report(
             queue_id=envelope.id,
             sender=envelope.sender,
-            failures=failures,
+            failures=[
+                replace(f, original_recipient=envelope.options_of(f.recipient).orcpt)
+                for f in failures
+            ],
             headers=bounce.original_headers(data),
             hostname=hostname,
             arrival=envelope.received,
             now=self._clock(),
+            envid=envelope.options.envid,
+            full=data if envelope.options.ret == "FULL" else None,
         )
         returned = await self._spool.enqueue(
-            sender="", recipients=(envelope.sender,), data=report, client="bounce"
+            sender="",
+            recipients=(envelope.sender,),
+            data=report,
+            client="bounce",
+            options=MailOptions(smtputf8=not envelope.sender.isascii()),
         )
-        delayed = failures[0].action == "delayed"
-        if not delayed:
+        action = failures[0].action
+        if action == "failed":
             METRICS.bounced.inc(len(failures))
         mail_log().info(
-            "delay_notice" if delayed else "bounced",
+            {"delayed": "delay_notice", "relayed": "relay_notice"}.get(action, "bounced"),
             queue_id=envelope.id,
             report_id=returned.id,
             sender=envelope.sender,

@@ -27,7 +27,7 @@ from smtprelay.auth import FailureLimiter, Users, UsersFileError
 from smtprelay.config import RelayConfig, split_hostport
 from smtprelay.logs import system_log
 from smtprelay.metrics import METRICS, serve_http
-from smtprelay.receive import RelayHandler, RelaySMTP
+from smtprelay.receive import Network, RelayHandler, RelaySMTP, parse_networks
 from smtprelay.reload import Live
 from smtprelay.schedule import Scheduler, Setup
 from smtprelay.spool import PID_FILE, Shard, Spool
@@ -180,6 +180,15 @@ def _session_factory(
     connection takes the settings current when it is made."""
     handler = RelayHandler(settings=live.current, hostname=hostname, spool=spool)
     limiter = FailureLimiter()
+    trusted: dict[str, Any] = {}
+
+    def proxies(config: RelayConfig) -> list[Network]:
+        """proxyProtocol.trustedNetworks of these settings, parsed once per version."""
+        if trusted.get("config") is not config:
+            trusted["config"] = config
+            trusted["networks"] = parse_networks(config.proxy_protocol.trusted_networks)
+        networks: list[Network] = trusted["networks"]
+        return networks
 
     def factory() -> _TrackedSMTP:
         config = live.current()
@@ -193,7 +202,9 @@ def _session_factory(
             ident="smtprelay",
             tls_context=tls.current() if tls is not None else None,
             auth_require_tls=True,
+            enable_SMTPUTF8=True,
             timeout=300,
+            proxies=proxies(config),
         )
 
     return factory

@@ -22,7 +22,9 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge
 
@@ -30,6 +32,25 @@ from smtprelay import current, logs, metrics, reload, service
 from smtprelay.config import RelayConfig, split_hostport
 from smtprelay.logs import system_log
 from smtprelay.spool import PID_FILE, Shard, Spool
+
+_T = TypeVar("_T")
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop where it is installed (its transports and scheduling cost about
+    half of asyncio's on the relay's hot path), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_loop(main: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run`` on the fastest event loop available."""
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(main)
+
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -73,7 +94,7 @@ def serve(config: RelayConfig, source: reload.Source | None = None) -> int:
     """
     count = worker_count(config)
     if count == 1:
-        asyncio.run(service.run(config, source=source))
+        run_loop(service.run(config, source=source))
         return 0
     return _supervise(config, count, source)
 
@@ -98,7 +119,7 @@ def _fork_worker(
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         metrics.enable_multiprocess(stats)
-        asyncio.run(service.run(config, listener=listener, shard=shard, source=source))
+        run_loop(service.run(config, listener=listener, shard=shard, source=source))
         code = 0
     except service.StartError:
         code = 1
@@ -117,6 +138,8 @@ def _supervise(config: RelayConfig, count: int, source: reload.Source | None) ->
         for index in range(count)
     }
     try:
+        # asyncio's own loop: the supervisor only reaps workers (SIGCHLD, which uvloop keeps
+        # for itself) and serves metrics, off the mail path
         return asyncio.run(
             _parent(config, spool=spool, children=children, stats=stats, source=source)
         )
