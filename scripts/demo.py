@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
+from devcluster import build, controlplane
 from tests import podsim
-from tests.cluster import build, controlplane
 from tests.peers import Dnsmasq, Sink, Zone, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:  # noqa: PLR0915 -- one
             show("kubectl get smtprelays")
             show(f"When done: kill the control plane's processes: {sorted(plane.pids.values())}")
             plane.save_state(build.bin_dir().parent / "current.json")
-            show("or: python -m tests.cluster down")
+            show("or: python -m devcluster down")
     print("\nDemo complete.", flush=True)
     return 0
 

@@ -6,6 +6,8 @@
 #   Python           a venv keyed by pyproject.toml, under ~/.cache/smtprelay  (pip)
 #   Kubernetes       etcd, kube-apiserver, controllers, kwok, kubectl built from the
 #                    pinned Go modules, under ~/.cache/smtprelay               (go build)
+#   the relay image  mmdebstrap base + podman build of the Dockerfile, an OCI archive
+#                    under ~/.cache/smtprelay/image                  (python -m devcluster image)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${SMTPRELAY_CACHE:-$HOME/.cache/smtprelay}
@@ -19,6 +21,10 @@ command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 [ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
+# The image build (devcluster/image.py): Debian's runc, since crun refuses hybrid cgroups.
+command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
+command -v podman >/dev/null 2>&1 || missing+=(podman)
+[ -x /usr/sbin/runc ] || missing+=(runc)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} with apt-get" >&2
   as_root apt-get update -qq

@@ -7,8 +7,8 @@ from pathlib import Path
 from kubernetes import client
 from kubernetes.client import ApiException
 
-from tests.cluster import kubeconfig
-from tests.cluster.controlplane import ControlPlane
+from devcluster import kubeconfig
+from devcluster.controlplane import ControlPlane
 
 # The API server's issuer is also its default audience, so tokens for it authenticate.
 AUDIENCE = "https://kubernetes.default.svc.cluster.local"
