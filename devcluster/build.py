@@ -121,7 +121,7 @@ class KubernetesPins:
     commit: str
 
 
-def _read_pins(tools: Toolchain) -> KubernetesPins:
+def read_pins(tools: Toolchain) -> KubernetesPins:
     out = _run(
         tools,
         ["mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"],
@@ -257,7 +257,7 @@ def _build_all(tools: Toolchain, *, log: bool) -> None:
     (tools.bin_dir / _STAMP).unlink(missing_ok=True)
     if log:
         _say(f"building Kubernetes {KUBERNETES_VERSION} + etcd + kwok into {tools.bin_dir}")
-    pins = _read_pins(tools)
+    pins = read_pins(tools)
     _say(
         f"etcd pinned by kubernetes go.mod: {pins.etcd_version}; "
         f"{len(pins.staging)} staging modules at {staging_version(KUBERNETES_VERSION)}"

@@ -73,6 +73,12 @@ class ControlPlane:
     kubeconfig: Path
     pids: dict[str, int]
     ca_cert: Path
+    address: str = "127.0.0.1"
+
+    @property
+    def ca(self) -> pki.KeyPair:
+        """The cluster CA (certificate and key), for signing a node's client certificate."""
+        return pki.KeyPair(cert=self.ca_cert, key=self.ca_cert.with_suffix(".key"))
 
     def log(self, component: str) -> Path:
         return self.run_dir / "logs" / f"{component}.log"
@@ -125,6 +131,7 @@ class ControlPlane:
             kubeconfig=Path(state["kubeconfig"]),
             pids={name: int(pid) for name, pid in state["pids"].items()},
             ca_cert=Path(state["ca_cert"]),
+            address=state.get("address", "127.0.0.1"),
         )
 
     def stop(self, *, keep_run_dir: bool = False) -> None:
@@ -132,7 +139,7 @@ class ControlPlane:
         for name in _STOP_ORDER:
             pid = self.pids.get(name)
             if pid is not None:
-                _terminate(pid, owner_marker=str(self.run_dir))
+                terminate(pid, owner_marker=str(self.run_dir))
         if not keep_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
@@ -148,7 +155,7 @@ def _is_ours(pid: int, owner_marker: str) -> bool:
     return not zombie and owner_marker.encode() in cmdline
 
 
-def _terminate(pid: int, *, owner_marker: str, grace: float = 10.0) -> None:
+def terminate(pid: int, *, owner_marker: str, grace: float = 10.0) -> None:
     if not _is_ours(pid, owner_marker):
         return
     os.kill(pid, signal.SIGTERM)
@@ -162,7 +169,7 @@ def _terminate(pid: int, *, owner_marker: str, grace: float = 10.0) -> None:
         os.waitpid(pid, 0)
 
 
-class _Launcher:
+class Launcher:
     """Starts components one by one and remembers them for cleanup and diagnostics."""
 
     def __init__(self, *, run_dir: Path, bin_dir: Path) -> None:
@@ -171,14 +178,17 @@ class _Launcher:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, binary: str, args: list[str]) -> None:
+    def start(
+        self, name: str, binary: str, args: list[str], env: dict[str, str] | None = None
+    ) -> None:
         with (self.run_dir / "logs" / f"{name}.log").open("wb") as log:
             self.processes[name] = subprocess.Popen(
-                [str(self.bin_dir / binary), *args],
+                [str(self.bin_dir / binary), *args],  # an absolute `binary` stays as it is
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.run_dir,
+                env=env,
                 # Own session: a terminal's Ctrl-C reaches only the CLI, which then stops
                 # the components in order; `up --detach` leaves them running.
                 start_new_session=True,
@@ -202,8 +212,8 @@ class _Launcher:
             parts.append(f"----- {name} (last {_LOG_TAIL} lines) -----\n{tail}")
         return "\n".join(parts)
 
-    def kill_all(self) -> None:
-        for name in _STOP_ORDER:
+    def kill_all(self, order: tuple[str, ...] = _STOP_ORDER) -> None:
+        for name in order:
             process = self.processes.get(name)
             if process is not None and process.poll() is None:
                 process.terminate()
@@ -289,12 +299,23 @@ def _exists(context: ssl.SSLContext, server: str, path: str) -> bool:
     return True
 
 
-def start(*, bin_dir: Path, run_dir: Path | None = None) -> ControlPlane:
-    """Bring the whole control plane up and return once a pod could be scheduled and run."""
+def start(
+    *,
+    bin_dir: Path,
+    run_dir: Path | None = None,
+    address: str = "127.0.0.1",
+    kwok: bool = True,
+) -> ControlPlane:
+    """Bring the whole control plane up and return once a pod could be scheduled and run.
+
+    `address` is where the API server listens and what it advertises: loopback for the kwok
+    tests; an address pods can reach (the real node's) when a kubelet runs pods that talk
+    to the API server. `kwok=False` leaves kwok and its fake node out.
+    """
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="smtprelay-k8s-"))
-    launcher = _Launcher(run_dir=run_dir, bin_dir=bin_dir)
+    launcher = Launcher(run_dir=run_dir, bin_dir=bin_dir)
     try:
-        return _start(launcher)
+        return _start(launcher, address=address, kwok=kwok)
     except (StartError, TimeoutError, OSError, urllib.error.URLError) as error:
         diagnostics = launcher.diagnostics()
         launcher.kill_all()
@@ -306,12 +327,12 @@ def start(*, bin_dir: Path, run_dir: Path | None = None) -> ControlPlane:
         raise
 
 
-def _start(launcher: _Launcher) -> ControlPlane:
+def _start(launcher: Launcher, *, address: str, kwok: bool) -> ControlPlane:
     run_dir = launcher.run_dir
-    certs = pki.generate(run_dir / "pki", service_ip=SERVICE_IP)
+    certs = pki.generate(run_dir / "pki", service_ip=SERVICE_IP, address=address)
     etcd_port, etcd_peer, api_port = free_port(), free_port(), free_port()
     kcm_port, scheduler_port, kwok_port = free_port(), free_port(), free_port()
-    server = f"https://127.0.0.1:{api_port}"
+    server = f"https://{address}:{api_port}"
     admin_kubeconfig = kubeconfig.write_client_cert(
         run_dir / "admin.kubeconfig",
         server=server,
@@ -345,8 +366,8 @@ def _start(launcher: _Launcher) -> ControlPlane:
         "kube-apiserver",
         [
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={address}",
+            f"--advertise-address={address}",
             f"--secure-port={api_port}",
             f"--cert-dir={run_dir / 'apiserver'}",
             f"--tls-cert-file={certs.apiserver.cert}",
@@ -360,9 +381,14 @@ def _start(launcher: _Launcher) -> ControlPlane:
             # On top of the defaults (NamespaceLifecycle, ServiceAccount, PodSecurity, ...).
             "--enable-admission-plugins=NodeRestriction",
             "--allow-privileged=true",
-            # Endpoints may not point at loopback; nothing in-cluster calls the API by IP.
-            "--endpoint-reconciler-type=none",
+            # Endpoints may not point at loopback: on loopback nothing in-cluster calls the API.
+            f"--endpoint-reconciler-type={'none' if address == '127.0.0.1' else 'lease'}",
             "--profiling=false",
+            # What a real cluster has for logs/exec: reach kubelets by the node's InternalIP
+            # (no DNS for node names here) and authenticate to them with a client certificate.
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={certs.kubelet_client.cert}",
+            f"--kubelet-client-key={certs.kubelet_client.key}",
         ],
     )
     admin = _admin_context(certs)
@@ -395,20 +421,21 @@ def _start(launcher: _Launcher) -> ControlPlane:
         "kube-scheduler",
         [*common, f"--secure-port={scheduler_port}", f"--cert-dir={run_dir / 'scheduler'}"],
     )
-    key, value = NODE_ANNOTATION
-    launcher.start(
-        "kwok",
-        "kwok",
-        [
-            f"--kubeconfig={admin_kubeconfig}",
-            f"--config={launcher.bin_dir / 'kwok-stages.yaml'}",
-            "--manage-all-nodes=false",
-            f"--manage-nodes-with-annotation-selector={key}={value}",
-            f"--server-address=127.0.0.1:{kwok_port}",
-            "--node-ip=127.0.0.1",
-            f"--cidr={POD_CIDR}",
-        ],
-    )
+    if kwok:
+        key, value = NODE_ANNOTATION
+        launcher.start(
+            "kwok",
+            "kwok",
+            [
+                f"--kubeconfig={admin_kubeconfig}",
+                f"--config={launcher.bin_dir / 'kwok-stages.yaml'}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={key}={value}",
+                f"--server-address=127.0.0.1:{kwok_port}",
+                "--node-ip=127.0.0.1",
+                f"--cidr={POD_CIDR}",
+            ],
+        )
     insecure = _insecure_context()
     launcher.await_healthy(
         "kube-controller-manager",
@@ -418,10 +445,10 @@ def _start(launcher: _Launcher) -> ControlPlane:
         "kube-scheduler",
         lambda: _http_ok(f"https://127.0.0.1:{scheduler_port}/healthz", insecure),
     )
-    launcher.await_healthy("kwok", lambda: _http_ok(f"http://127.0.0.1:{kwok_port}/healthz"))
-
-    _api(admin, server, "POST", "/api/v1/nodes", fake_node())
-    launcher.await_healthy("kwok", lambda: _node_ready(admin, server))
+    if kwok:
+        launcher.await_healthy("kwok", lambda: _http_ok(f"http://127.0.0.1:{kwok_port}/healthz"))
+        _api(admin, server, "POST", "/api/v1/nodes", fake_node())
+        launcher.await_healthy("kwok", lambda: _node_ready(admin, server))
     # The ServiceAccount admission plugin refuses pods until the namespace's default
     # account exists, so a test's first pod would race the controller manager.
     launcher.await_healthy(
@@ -435,4 +462,5 @@ def _start(launcher: _Launcher) -> ControlPlane:
         kubeconfig=admin_kubeconfig,
         pids={name: process.pid for name, process in launcher.processes.items()},
         ca_cert=certs.ca.cert,
+        address=address,
     )

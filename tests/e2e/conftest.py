@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.realnode import (  # noqa: F401 -- fixtures, re-exported for pytest
+    build_before_tests,
+    node_mail,
+    operator_release,
+    real_cluster,
+    relay_namespace,
+)
 from tests.operator.conftest import (  # noqa: F401 -- fixtures, re-exported for pytest
     cluster,
     operator,
@@ -16,6 +23,10 @@ from tests.peers import Dnsmasq, Sink, Zone, free_port
 
 MX_HOST = "127.0.0.2"
 GATEWAY_HOST = "127.0.0.9"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    build_before_tests(session)
 
 
 class MailWorld:
