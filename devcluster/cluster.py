@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from devcluster import build, controlplane, hostnet, image, node, nodebuild
+from devcluster.cache import cache_root
 from devcluster.controlplane import ControlPlane, StartError
 
 _PROVISIONER = "provisioner"
@@ -80,6 +81,11 @@ class Cluster:
             ),
             provisioner_pid=int(state["provisioner_pid"]),
         )
+
+
+def state_file() -> Path:
+    """Where `python -m devcluster up` records the running cluster for `down`."""
+    return cache_root() / "cluster.json"
 
 
 def _say(message: str) -> None:

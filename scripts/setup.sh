@@ -6,6 +6,8 @@
 #   Python           a venv keyed by pyproject.toml, under ~/.cache/smtprelay  (pip)
 #   Kubernetes       etcd, kube-apiserver, controllers, kwok, kubectl built from the
 #                    pinned Go modules, under ~/.cache/smtprelay               (go build)
+#   the real node    containerd (go install), kubelet and kube-proxy (go build, same pin),
+#                    a pause image; runc and CNI plugins from Debian (python -m devcluster build)
 #   the relay image  mmdebstrap base + podman build of the Dockerfile, an OCI archive
 #                    under ~/.cache/smtprelay/image                  (python -m devcluster image)
 set -euo pipefail
@@ -25,6 +27,9 @@ command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
 command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 command -v podman >/dev/null 2>&1 || missing+=(podman)
 [ -x /usr/sbin/runc ] || missing+=(runc)
+# The real node (devcluster/node.py): the CNI bridge plugins, iptables for kube-proxy.
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+command -v iptables-save >/dev/null 2>&1 || [ -x /usr/sbin/iptables-save ] || missing+=(iptables)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} with apt-get" >&2
   as_root apt-get update -qq
