@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -49,13 +50,36 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
 
 
-def _save_rules(tool: str) -> str:
-    result = subprocess.run([tool], capture_output=True, text=True, check=True, timeout=60)
+def _save_rules(family: str) -> str:
+    result = subprocess.run(
+        [f"{family}-save"], capture_output=True, text=True, check=True, timeout=60
+    )
     return result.stdout
 
 
-def _restore_rules(tool: str, rules: str) -> None:
-    subprocess.run([tool], input=rules, capture_output=True, text=True, check=True, timeout=60)
+def _tables(rules: str) -> set[str]:
+    return set(re.findall(r"^\*(\w+)", rules, re.MULTILINE))
+
+
+def _restore_rules(family: str, saved: str) -> None:
+    """Back to `saved`: tables it names are rewritten whole; tables that did not exist
+    then (often all of them on a fresh machine) are emptied of every rule and chain."""
+    for table in sorted(_tables(_save_rules(family)) - _tables(saved)):
+        for flag in ("-F", "-X"):
+            subprocess.run([family, "-t", table, flag], capture_output=True, check=False)
+    if saved.strip():
+        subprocess.run(
+            [f"{family}-restore"], input=saved, capture_output=True, text=True, check=True
+        )
+
+
+def _rule_lines(rules: str) -> list[str]:
+    """The rules and non-builtin chains of a dump, without counters and comments."""
+    return [
+        line
+        for line in rules.splitlines()
+        if line.startswith("-A") or (line.startswith(":") and line.split()[1] != "ACCEPT")
+    ]
 
 
 def mounts_under(directory: Path) -> list[str]:
@@ -107,8 +131,8 @@ class HostChanges:
     def record(self) -> None:
         """Remember what is about to change; call before anything is started."""
         self.sysctls = {n: v for n in SYSCTLS if (v := read_sysctl(n)) is not None}
-        self.iptables = _save_rules("iptables-save")
-        self.ip6tables = _save_rules("ip6tables-save")
+        self.iptables = _save_rules("iptables")
+        self.ip6tables = _save_rules("ip6tables")
 
     def add_address(self) -> None:
         existing = _ip("-4", "addr", "show", "dev", "lo").stdout
@@ -142,10 +166,12 @@ class HostChanges:
         _ip("link", "del", self.bridge, check=False)
         if f" {self.address}/" in _ip("-4", "addr", "show", "dev", "lo").stdout:
             _ip("addr", "del", f"{self.address}/32", "dev", "lo", check=False)
-        if self.iptables:
-            _restore_rules("iptables-restore", self.iptables)
-        if self.ip6tables:
-            _restore_rules("ip6tables-restore", self.ip6tables)
+        _restore_rules("iptables", self.iptables)
+        _restore_rules("ip6tables", self.ip6tables)
+        for family, saved in (("iptables", self.iptables), ("ip6tables", self.ip6tables)):
+            now = _rule_lines(_save_rules(family))
+            if now != _rule_lines(saved):
+                problems.append(f"{family} rules differ from before: {now[:5]}")
         for name, value in self.sysctls.items():
             write_sysctl(name, value)
             if read_sysctl(name) != value:

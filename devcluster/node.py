@@ -179,6 +179,7 @@ def kubelet_config(run_dir: Path, *, ca: Path, socket_path: Path, port: int) -> 
         "clusterDomain": "cluster.local",
         "resolvConf": str(run_dir / "resolv.conf"),
         "volumePluginDir": str(run_dir / "kubelet-plugins"),
+        "podLogsDir": str(run_dir / "pod-logs"),  # not /var/log/pods
         "imageGCHighThresholdPercent": 100,
         "imageGCLowThresholdPercent": 99,
         "evictionHard": {
@@ -296,7 +297,6 @@ def _start(
         binaries=binaries,
     )
     node.import_image(binaries.pause_archive)
-    node.ctr("images", "label", PAUSE_IMAGE, "io.cri-containerd.pinned=pinned")
 
     kubelet_kubeconfig = _node_kubeconfig(
         plane, run_dir, user=f"system:node:{NODE_NAME}", group="system:nodes"
