@@ -35,7 +35,7 @@ def _exec(plane: ControlPlane, namespace: str, *command: str, check: bool = True
 
 def _queued(plane: ControlPlane, namespace: str) -> list[str]:
     """Queue ids in the running pod's spool, from the relay's own `queue list`."""
-    out = _exec(plane, namespace, "smtprelay", "queue", "list", "--spool", "/var/spool/smtprelay")
+    out = _exec(plane, namespace, "smtprelay", "queue", "--spool", "/var/spool/smtprelay", "list")
     rows = [line for line in out.splitlines() if line and not line[0].isspace()]
     return [row.split()[0] for row in rows if not row.startswith(("Queue ID", "--", "Mail queue"))]
 
@@ -147,6 +147,8 @@ class TestRealNode:
         [got] = mx.wait_for_messages(timeout=60)
         assert got.message["Subject"] == "queued"
 
+        before = deploy.ready_pod(plane, RELAY, relay_namespace)
+        assert before is not None
         gateway = f"{node_mail.gateway.host}:{node_mail.gateway_port}"
         plane.kubectl(
             "-n",
@@ -158,8 +160,6 @@ class TestRealNode:
             "-p",
             f'{{"spec": {{"gateway": {{"host": "{gateway}", "sendAll": true}}}}}}',
         )
-        before = deploy.ready_pod(plane, RELAY, relay_namespace)
-        assert before is not None
 
         def rolled() -> bool:
             new = deploy.ready_pod(plane, RELAY, relay_namespace)
