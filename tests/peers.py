@@ -53,6 +53,13 @@ def wait_for(
         time.sleep(interval)
 
 
+def postfix_tool(name: str) -> str:
+    """A Postfix test program (smtp-sink, smtp-source)."""
+    found = shutil.which(name) or f"/usr/sbin/{name}"
+    assert os.path.exists(found), f"{name} is installed by scripts/setup.sh (apt-get postfix)"
+    return found
+
+
 # --- DNS -----------------------------------------------------------------------------------
 
 
@@ -129,6 +136,7 @@ class Received:
     data: bytes
     peer: str
     login: str = ""  # the AUTH user, when the sink requires AUTH
+    source: str = ""  # the client's address and port: one per connection
 
     @property
     def message(self) -> email.message.EmailMessage:
@@ -170,6 +178,7 @@ class _SinkHandler:
                         data=envelope.original_content or b"",
                         peer=str(session.peer[0]) if session.peer else "",
                         login=getattr(session.auth_data, "login", b"").decode(),
+                        source=f"{session.peer[0]}:{session.peer[1]}" if session.peer else "",
                     )
                 )
         return self._sink.data_reply
@@ -221,7 +230,8 @@ class Sink:
         return result
 
     def stop(self) -> None:
-        self._controller.stop()
+        if self._controller._thread is not None:  # a test may have stopped it already
+            self._controller.stop()
 
 
 # --- the relay under test ------------------------------------------------------------------
@@ -249,6 +259,8 @@ class Relay:
             "hostname": "relay.test",
             "logging": {"target": "stdout"},
             "workers": 1,  # one process, unless a test asks for more
+            # The default leaves loopback out (sidecars); here the clients are on loopback.
+            "allowedNetworks": ["127.0.0.0/8"],
             # No DNS unless a test brings dnsmasq: a closed port makes every lookup a
             # temporary failure, so accepted mail stays queued instead of depending on
             # whatever the machine's resolver says about .test names.

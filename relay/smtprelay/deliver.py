@@ -1,22 +1,33 @@
 """The SMTP client: one connection per destination carries all of its recipients.
 
 Replies are classified per recipient (RFC 5321 §4.2.1): 2xx delivered, 4xx and connection
-failures deferred, 5xx failed. STARTTLS is used whenever the peer offers it (opportunistic,
-unverified, as for MX delivery in general); it is required before AUTH at a gateway, so a
-gateway that does not offer it defers the mail rather than receive the password in clear.
+failures deferred, 5xx failed. TLS follows the destination's policy (RFC 7435 levels, as
+Postfix's ``smtp_tls_security_level``): ``none``; ``may`` (STARTTLS when offered,
+unverified, and plaintext again on a fresh connection after a failed handshake); ``encrypt``
+(TLS required, unverified); ``verify`` (TLS required, chain and host name checked, SNI sent).
+The relay connects to the address it resolved itself but hands the TLS layer the host
+*name*, so SNI and the name check see what the user configured. Credentials go only over a
+verified channel, or an encrypted one under an explicit ``encrypt``; never in plaintext.
 With ``logging.debug`` the client writes a transcript (see :mod:`smtprelay.transcript`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import socket
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
 
+from smtprelay.config import TlsLevel
+from smtprelay.dsn import MailOptions, RecipientOptions
+from smtprelay.scache import ConnectionCache, Session, quit_politely
 from smtprelay.transcript import TranscribingSMTP
 
 Outcome = Literal["delivered", "deferred", "failed"]
@@ -29,13 +40,36 @@ class Result:
     outcome: Outcome
     code: int
     text: str
-    host: str = ""
+    host: str = ""  # the address the relay talked to
+    tls: str = ""  # "verified", "encrypted" or "" (plaintext) for the connection used
+    name: str = ""  # that host's name (MX, gateway), as a certificate would carry it
+    dsn: bool = False  # the host offered DSN, so it reports on the recipient from now on
 
 
 @dataclass(frozen=True)
 class Credentials:
     username: str
     password: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """One host to try: ``name`` is what its certificate must carry (and SNI), ``address``
+    where the relay connects."""
+
+    name: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How to talk to a destination: its TLS level and what authenticates the relay."""
+
+    tls: TlsLevel = "may"
+    implicit_tls: bool = False
+    ca_file: Path | None = None
+    credentials: Credentials | None = None
 
 
 def classify(code: int) -> Outcome:
@@ -56,102 +90,315 @@ def _unverified_context() -> ssl.SSLContext:
     return context
 
 
+@functools.lru_cache(maxsize=16)
+def _verifying_context(ca_file: str | None, _stamp: float) -> ssl.SSLContext:
+    """Chain and host name checked; keyed by the bundle's mtime so a renewed CA Secret is
+    picked up without a restart."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def tls_context(level: TlsLevel, ca_file: Path | None) -> ssl.SSLContext:
+    if level != "verify":
+        return _unverified_context()
+    stamp = ca_file.stat().st_mtime if ca_file is not None else 0.0
+    return _verifying_context(str(ca_file) if ca_file is not None else None, stamp)
+
+
 Transcript = Callable[[str, str], None]
+
+
+class _Deferred(Exception):
+    """The destination cannot be used on this connection: defer with ``reason``."""
+
+    def __init__(self, code: int, reason: str, *, handshake: bool = False) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.handshake = handshake  # the TLS handshake itself failed
+
+
+async def _connect(target: Target, timeout: float) -> socket.socket:
+    """A TCP connection to the resolved address; TLS and SMTP go over it by name."""
+    family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(
+            asyncio.get_running_loop().sock_connect(sock, (target.address, target.port)),
+            timeout,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _secure(client: TranscribingSMTP, target: Target, policy: Policy, level: TlsLevel) -> str:
+    """STARTTLS as ``level`` asks; returns "verified", "encrypted" or "" (plaintext)."""
+    if policy.implicit_tls:
+        return "verified" if level == "verify" else "encrypted"
+    if level == "none":
+        return ""
+    await client.ehlo()
+    if not client.supports_extension("starttls"):
+        if level in ("encrypt", "verify"):
+            raise _Deferred(
+                451, f"4.7.5 {target.name} does not offer STARTTLS, which tls: {level} requires"
+            )
+        return ""
+    try:
+        await client.starttls(
+            server_hostname=target.name, tls_context=tls_context(level, policy.ca_file)
+        )
+    except (ssl.SSLError, ssl.CertificateError, aiosmtplib.SMTPException, OSError) as error:
+        raise _Deferred(
+            451, f"4.7.5 TLS with {target.name} failed: {error}", handshake=True
+        ) from None
+    await client.ehlo()
+    return "verified" if level == "verify" else "encrypted"
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What the message carries to the next hop besides its data (see :mod:`smtprelay.dsn`)."""
+
+    options: MailOptions = field(default_factory=MailOptions)
+    recipients: Mapping[str, RecipientOptions] = field(default_factory=dict)
+
+
+def _mail_parameters(client: aiosmtplib.SMTP, carried: Carried) -> list[str] | str:
+    """MAIL FROM parameters for this hop, or why the message cannot go to it."""
+    options = carried.options
+    parameters: list[str] = []
+    if options.smtputf8:
+        if not client.supports_extension("smtputf8"):
+            return "553 5.6.7 the next hop does not offer SMTPUTF8, which this message's addresses need (RFC 6531)"
+        parameters.append("SMTPUTF8")
+    if options.body == "8BITMIME":
+        if not client.supports_extension("8bitmime"):
+            return "554 5.6.3 the next hop does not accept 8-bit data (RFC 6152) and the relay does not convert it"
+        parameters.append("BODY=8BITMIME")
+    if client.supports_extension("dsn"):
+        if options.ret:
+            parameters.append(f"RET={options.ret}")
+        if options.envid:
+            parameters.append(f"ENVID={options.envid}")
+    return parameters
+
+
+def _rcpt_parameters(client: aiosmtplib.SMTP, options: RecipientOptions) -> list[str]:
+    if not client.supports_extension("dsn"):
+        return []
+    parameters = [f"NOTIFY={','.join(options.notify)}"] if options.notify else []
+    return parameters + ([f"ORCPT={options.orcpt}"] if options.orcpt else [])
+
+
+async def _transaction(
+    client: aiosmtplib.SMTP,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: bytes,
+    template: Result,
+    carried: Carried,
+) -> dict[str, Result]:
+    """MAIL, RCPT per recipient, DATA for those accepted; a result per recipient."""
+
+    def result(outcome: Outcome, code: int, text: str) -> Result:
+        return replace(template, outcome=outcome, code=code, text=text)
+
+    if client.last_ehlo_response is None and client.last_helo_response is None:
+        await client.ehlo()
+    template = replace(template, dsn=client.supports_extension("dsn"))
+    parameters = _mail_parameters(client, carried)
+    if isinstance(parameters, str):
+        code, _, text = parameters.partition(" ")
+        return dict.fromkeys(recipients, result("failed", int(code), text))
+    encoding = "utf-8" if carried.options.smtputf8 else "ascii"
+    await client.mail(sender, options=parameters, encoding=encoding)
+    results: dict[str, Result] = {}
+    accepted: list[str] = []
+    for recipient in recipients:
+        options = carried.recipients.get(recipient, RecipientOptions())
+        try:
+            reply = await client.rcpt(
+                recipient, options=_rcpt_parameters(client, options), encoding=encoding
+            )
+        except aiosmtplib.SMTPRecipientRefused as error:
+            results[recipient] = result(classify(error.code), error.code, error.message)
+        else:
+            accepted.append(recipient)
+            results[recipient] = result("delivered", reply.code, reply.message)
+    if accepted:
+        try:
+            reply = await client.data(data)
+        except aiosmtplib.SMTPResponseException as error:
+            for recipient in accepted:
+                results[recipient] = result(classify(error.code), error.code, error.message)
+        else:
+            for recipient in accepted:
+                results[recipient] = result("delivered", reply.code, reply.message)
+    return results
+
+
+async def _open(
+    *, target: Target, policy: Policy, level: TlsLevel, helo: str, timeout: float
+) -> Session:
+    """A new session: connect, greeting, EHLO, STARTTLS and AUTH as the policy asks."""
+    sock = await _connect(target, timeout)
+    client = TranscribingSMTP(
+        hostname=target.name,
+        sock=sock,
+        peer=f"{target.address}:{target.port}",
+        local_hostname=helo,
+        timeout=timeout,
+        use_tls=policy.implicit_tls,
+        start_tls=False,
+        tls_context=tls_context(level, policy.ca_file) if policy.implicit_tls else None,
+    )
+    try:
+        await client.connect()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        channel = await _secure(client, target, policy, level)
+        if policy.credentials is not None:
+            # The config refuses credentials with none/may; this is the last line of defence.
+            if channel == "" or level not in ("verify", "encrypt"):
+                raise _Deferred(451, f"4.7.0 credentials for {target.name} need TLS")
+            await client.login(policy.credentials.username, policy.credentials.password)
+    except BaseException:
+        await quit_politely(client)
+        raise
+    return Session(client, channel, time.monotonic())
 
 
 async def _deliver_once(
     *,
-    address: str,
-    port: int,
+    target: Target,
+    policy: Policy,
+    level: TlsLevel,
     helo: str,
     sender: str,
     recipients: tuple[str, ...],
     data: bytes,
-    credentials: Credentials | None,
+    carried: Carried,
     timeout: float,
+    cache: ConnectionCache | None,
 ) -> dict[str, Result]:
-    client = TranscribingSMTP(
-        hostname=address,
-        port=port,
-        local_hostname=helo,
-        timeout=timeout,
-        start_tls=True if credentials else None,
-        validate_certs=False,
-        tls_context=_unverified_context(),
-    )
-    await client.connect()
+    key = (target, policy, level)
+    session = await cache.take(key) if cache is not None else None
+    if session is None:
+        session = await _open(target=target, policy=policy, level=level, helo=helo, timeout=timeout)
+    finished = False
     try:
-        if credentials is not None:
-            await client.login(credentials.username, credentials.password)
-        await client.mail(sender)
-        results: dict[str, Result] = {}
-        accepted: list[str] = []
-        for recipient in recipients:
-            try:
-                reply = await client.rcpt(recipient)
-            except aiosmtplib.SMTPRecipientRefused as error:
-                results[recipient] = Result(
-                    classify(error.code), error.code, error.message, address
-                )
-            else:
-                accepted.append(recipient)
-                results[recipient] = Result("delivered", reply.code, reply.message, address)
-        if accepted:
-            try:
-                reply = await client.data(data)
-            except aiosmtplib.SMTPResponseException as error:
-                for recipient in accepted:
-                    results[recipient] = Result(
-                        classify(error.code), error.code, error.message, address
-                    )
-            else:
-                for recipient in accepted:
-                    results[recipient] = Result("delivered", reply.code, reply.message, address)
+        results = await _transaction(
+            session.client,
+            sender,
+            recipients,
+            data,
+            Result("delivered", 0, "", target.address, session.channel, target.name),
+            carried,
+        )
+        finished = True
         return results
     finally:
-        try:
-            await client.quit()
-        except (aiosmtplib.SMTPException, OSError):
-            client.close()
+        # a session whose transaction ended with a reply (any reply) can carry the next one
+        if not (finished and cache is not None and cache.put(key, session)):
+            await quit_politely(session.client)
 
 
-async def deliver(
+async def _try_target(
     *,
-    addresses: tuple[str, ...],
-    port: int,
+    target: Target,
+    policy: Policy,
     helo: str,
     sender: str,
     recipients: tuple[str, ...],
     data: bytes,
-    credentials: Credentials | None = None,
-    timeout: float = 60.0,
+    carried: Carried,
+    timeout: float,
+    cache: ConnectionCache | None,
 ) -> dict[str, Result]:
-    """Deliver to the first address that takes the transaction; try the next on failure.
+    """One host; under ``may`` a failed handshake is followed by plaintext on a fresh
+    connection in the same attempt (as Postfix does), since unverified TLS protects only
+    against passive listeners and the mail must not wait for a broken TLS stack."""
+    level: TlsLevel = policy.tls
 
-    A connection failure, a refusing greeting or a 4xx to MAIL FROM moves on to the next
-    address (RFC 5321 §5.1); a 5xx to MAIL FROM fails every recipient.
-    """
-    last = Result("deferred", 451, "no address to deliver to")
-    for address in addresses:
+    def failed(outcome: Outcome, code: int, text: str) -> dict[str, Result]:
+        return dict.fromkeys(
+            recipients, Result(outcome, code, text, target.address, "", target.name)
+        )
+
+    while True:
         try:
             return await _deliver_once(
-                address=address,
-                port=port,
+                target=target,
+                policy=policy,
+                level=level,
                 helo=helo,
                 sender=sender,
                 recipients=recipients,
                 data=data,
-                credentials=credentials,
+                carried=carried,
                 timeout=timeout,
+                cache=cache,
             )
+        except _Deferred as refused:
+            if refused.handshake and level == "may" and policy.credentials is None:
+                level = "none"
+                continue
+            return failed("deferred", refused.code, refused.reason)
         except aiosmtplib.SMTPSenderRefused as error:
-            last = Result(classify(error.code), error.code, error.message, address)
-            if last.outcome == "failed":
-                break
+            return failed(classify(error.code), error.code, error.message)
         except aiosmtplib.SMTPResponseException as error:
             # A refusing greeting or AUTH is the destination's (or our config's) problem to
             # fix, not a verdict on the message: defer.
-            last = Result("deferred", error.code, error.message, address)
+            return failed("deferred", error.code, error.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
-            last = Result("deferred", 451, f"{address}:{port}: {error}", address)
-    return dict.fromkeys(recipients, last)
+            reason = (
+                f"{target.name or target.address}:{target.port}: {error or type(error).__name__}"
+            )
+            return failed("deferred", 451, reason)
+
+
+async def deliver(
+    *,
+    targets: tuple[Target, ...],
+    policy: Policy,
+    helo: str,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: bytes,
+    carried: Carried | None = None,
+    timeout: float = 60.0,
+    cache: ConnectionCache | None = None,
+) -> dict[str, Result]:
+    """Try ``targets`` in order within this one attempt, each with what is still deferred.
+
+    A connection failure, a TLS failure under encrypt/verify, a refusing greeting or a 4xx
+    moves the deferred recipients on to the next host (RFC 5321 §5.1; Postfix's relayhost
+    list); delivered and failed ones are settled. A 5xx to MAIL FROM fails every recipient.
+    With a ``cache``, a host's session is reused for the next message (see scache).
+    """
+    results: dict[str, Result] = dict.fromkeys(
+        recipients, Result("deferred", 451, "4.4.0 no address to deliver to")
+    )
+    pending = recipients
+    for target in targets:
+        outcome = await _try_target(
+            target=target,
+            policy=policy,
+            helo=helo,
+            sender=sender,
+            recipients=pending,
+            data=data,
+            carried=carried or Carried(),
+            timeout=timeout,
+            cache=cache,
+        )
+        results.update(outcome)
+        pending = tuple(r for r in pending if results[r].outcome == "deferred")
+        if not pending:
+            break
+    return results

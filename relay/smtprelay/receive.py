@@ -8,6 +8,7 @@ delivery: the spool is the interface.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import errno
 import ipaddress
@@ -17,16 +18,25 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from smtprelay.auth import FailureLimiter, Users
 from smtprelay.config import MailSettings
+from smtprelay.esmtp import (
+    EsmtpParameters,
+    ascii_form,
+    message_options,
+    recipient_options,
+    utf8_problem,
+)
 from smtprelay.logs import debug_enabled, mail_log
 from smtprelay.metrics import METRICS
 from smtprelay.spool import Spool
 from smtprelay.transcript import mask_auth, record
 
 MAX_HOPS = 50
+PROXY_TIMEOUT = 10.0  # seconds a trusted load balancer has to send its PROXY header
 MAX_RECIPIENTS = 1000
 
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
@@ -89,6 +99,18 @@ def received_header(
     ).encode("utf-8", "replace")
 
 
+_PROTOCOL_NAMES: dict[type, list[str]] = {}
+
+
+def _protocol_names(cls: type) -> list[str]:
+    """The attributes aiosmtpd's ``SMTP.__init__`` builds its command and AUTH tables from."""
+    names = _PROTOCOL_NAMES.get(cls)
+    if names is None:
+        names = [name for name in dir(cls) if name.startswith(("smtp_", "auth_"))]
+        _PROTOCOL_NAMES[cls] = names
+    return names
+
+
 @dataclass(frozen=True)
 class _Unchecked:
     """Credentials aiosmtpd has parsed, waiting for the (slow, threaded) password check."""
@@ -97,10 +119,11 @@ class _Unchecked:
     credentials: LoginPassword
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(EsmtpParameters, SMTP):
     """aiosmtpd's protocol, with what a production front door adds to it.
 
-    RFC 3463 status codes on its stock size and line replies; AUTH PLAIN/LOGIN against the
+    RFC 3463 status codes on its stock size and line replies; DSN, SMTPUTF8 and BODY
+    parameters kept (see :mod:`smtprelay.esmtp`); PROXY from trusted balancers; AUTH PLAIN/LOGIN against the
     users file, checked off the event loop and rate limited per client address; a graceful
     stop (``shut_down``); and, with ``logging.debug``, a transcript of the session.
     """
@@ -111,9 +134,11 @@ class RelaySMTP(SMTP):
         *,
         users: Users | None = None,
         limiter: FailureLimiter | None = None,
+        proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        self._proxies = proxies or []
         self._users = users
         self._limiter = limiter or FailureLimiter()
         self._closing = False
@@ -121,6 +146,22 @@ class RelaySMTP(SMTP):
             self._smtp_methods = {
                 name: self._transcribed(name, method) for name, method in self._smtp_methods.items()
             }
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd's SMTP.__init__ runs inspect.getmembers(self) and dir(self) for every new
+        # connection, evaluating each attribute (properties included) to find a handful of
+        # methods: about a tenth of a session's CPU. Those names are fixed per class.
+        return _protocol_names(type(self))
+
+    # --- PROXY protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A trusted load balancer must start with a PROXY header (aiosmtpd reads it, then
+        # calls handle_PROXY); anyone else gets plain SMTP, where PROXY is an unknown command.
+        address = client_ip(transport.get_extra_info("peername"))
+        trusted = address is not None and any(address in net for net in self._proxies)
+        self._proxy_timeout = PROXY_TIMEOUT if trusted else None
+        super().connection_made(transport)
 
     # --- transcript -------------------------------------------------------------------
 
@@ -138,6 +179,8 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: str) -> None:  # type: ignore[override]
         status = _ENHANCED.get(status, status)
+        if status == "250-8BITMIME":  # aiosmtpd has no DSN; offer it beside 8BITMIME
+            await self.push("250-DSN")
         if self._users is None and status.startswith("250-AUTH"):
             return  # aiosmtpd advertises AUTH under TLS; without a users file there is none
         if debug_enabled():
@@ -242,6 +285,23 @@ class RelayHandler:
         self._clock = clock
         self._networks = parse_networks(settings.allowed_networks)
 
+    async def handle_PROXY(
+        self, server: SMTP, session: Session, envelope: Envelope, proxy: ProxyData
+    ) -> bool:
+        """The load balancer names the real client: from now on the session's peer is it,
+        so allowedNetworks, the logs and Received: see the client, not the balancer."""
+        if proxy.src_addr is not None and client_ip((str(proxy.src_addr), 0)) is not None:
+            balancer = str(client_ip(session.peer))
+            # aiosmtpd annotates peer as a str; it holds the socket's peername tuple.
+            session.peer = (str(proxy.src_addr), proxy.src_port or 0)  # type: ignore[assignment]
+            mail_log().info(
+                "proxied",
+                client=str(client_ip(session.peer)),
+                balancer=balancer,
+                version=proxy.version,
+            )
+        return True  # LOCAL / UNKNOWN (health checks): the balancer's own address stays
+
     def may_relay(self, session: Session) -> bool:
         if session.authenticated:
             return True
@@ -265,7 +325,11 @@ class RelayHandler:
     ) -> str:
         if address == "<>":
             address = ""  # the null reverse-path of reports (RFC 5321 §4.5.5)
-        if address and not ADDRESS.match(address):
+        if problem := utf8_problem(address, bool(envelope.smtp_utf8)):
+            return self._refuse(
+                session, "bad_sender", f"553 5.6.7 Sender address {problem}", sender=address
+            )
+        if address and not ADDRESS.match(ascii_form(address)):
             return self._refuse(
                 session,
                 "bad_sender",
@@ -295,6 +359,14 @@ class RelayHandler:
             )
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
+        if problem := utf8_problem(address, bool(envelope.smtp_utf8)):
+            return self._refuse(
+                session,
+                "bad_recipient",
+                f"553 5.6.7 Recipient address {problem}",
+                sender=envelope.mail_from,
+                recipient=address,
+            )
         if BARE_USER.match(address):
             if self._settings.default_mail_host is None:
                 return self._refuse(
@@ -305,7 +377,7 @@ class RelayHandler:
                     recipient=address,
                 )
             address = f"{address}@{self._settings.default_mail_host}"
-        elif not ADDRESS.match(address):
+        elif not ADDRESS.match(ascii_form(address)):
             return self._refuse(
                 session,
                 "bad_recipient",
@@ -354,6 +426,8 @@ class RelayHandler:
                 data=trace + data,
                 client=peer,
                 queue_id=queue_id,
+                options=message_options(envelope),
+                recipient_options=recipient_options(envelope),
             )
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -13,16 +13,19 @@ import contextlib
 import functools
 import heapq
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 
 from smtprelay import bounce
-from smtprelay.config import MailSettings
-from smtprelay.deliver import Credentials, Result, deliver
+from smtprelay.config import MailSettings, split_hostport
+from smtprelay.deliver import Carried, Credentials, Policy, Result, Target, deliver
+from smtprelay.dsn import MailOptions
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
-from smtprelay.spool import Busy, Envelope, Spool
+from smtprelay.scache import ConnectionCache
+from smtprelay.spool import Busy, Envelope, QueueState, Spool
 
 
 class Scheduler:
@@ -35,20 +38,22 @@ class Scheduler:
         settings: MailSettings,
         hostname: str,
         resolver: MxResolver,
-        credentials: Credentials | None = None,
+        credentials: Mapping[Path, Credentials] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
         self._settings = settings
         self._hostname = hostname
         self._resolver = resolver
-        self._credentials = credentials
+        self._credentials = dict(credentials or {})  # by credentialsFile path
         self._clock = clock
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
         self._active: dict[str, asyncio.Task[float | None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        # sessions to gateways and MX hosts outlive one message (Postfix's scache)
+        self.connections = ConnectionCache(max_idle=settings.delivery.concurrency)
 
     @property
     def queued(self) -> int:
@@ -87,6 +92,11 @@ class Scheduler:
             return
         self._due[queue_id] = due
         heapq.heappush(self._heap, (due, queue_id))
+        if len(self._heap) > 2 * len(self._due) + 1024:
+            # superseded entries (a flush, a deferral) would otherwise stay until their old
+            # due time: rebuild, so the heap follows the queue's length, not its history
+            self._heap = [(when, qid) for qid, when in self._due.items()]
+            heapq.heapify(self._heap)
         self._wake.set()
 
     async def run(self) -> None:
@@ -128,6 +138,7 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.connections.close()
 
     async def _attempt(self, queue_id: str) -> float | None:
         """One attempt; returns when the message is due again, or None when it is done."""
@@ -152,7 +163,7 @@ class Scheduler:
         state = self._spool.load_state(queue_id)
         attempt = state.attempts + 1
         pending = state.pending(envelope)
-        groups = group_by_route(self._settings, pending, attempt)
+        groups = group_by_route(self._settings, pending, attempt, envelope.sender)
         started = self._clock()
         outcomes = await asyncio.gather(
             *(
@@ -163,6 +174,8 @@ class Scheduler:
         last_try = attempt >= self._settings.delivery.tries
         delivered: set[str] = set()
         failures: list[bounce.Failure] = []
+        delayed: list[bounce.Failure] = []
+        relayed: list[bounce.Failure] = []  # NOTIFY=SUCCESS to a hop without DSN
         for route, results in zip(groups, outcomes, strict=True):
             for recipient, result in results.items():
                 outcome = result.outcome
@@ -170,25 +183,32 @@ class Scheduler:
                     outcome = "failed"
                 self._log_attempt(envelope, attempt, route, recipient, result, outcome)
                 METRICS.attempts.labels(route=route.kind, outcome=outcome).inc()
+                report = bounce.Failure(
+                    recipient=recipient,
+                    status=bounce.status_for(result.code, result.text),
+                    diagnostic=f"{result.code} {result.text}",
+                    remote_mta=result.name or result.host,
+                    action={"delivered": "relayed", "deferred": "delayed"}.get(outcome, outcome),
+                )
                 if outcome == "delivered":
                     delivered.add(recipient)
                     METRICS.latency.observe(self._clock() - envelope.received)
-                elif outcome == "failed":
-                    failures.append(
-                        bounce.Failure(
-                            recipient=recipient,
-                            status=bounce.status_for(result.code, result.text),
-                            diagnostic=f"{result.code} {result.text}",
-                            remote_mta=result.host,
-                        )
-                    )
-        if failures:
-            await self._return_to_sender(envelope, data, failures)
+                    if not result.dsn and envelope.options_of(recipient).wants("SUCCESS"):
+                        relayed.append(report)
+                else:
+                    (failures if outcome == "failed" else delayed).append(report)
+        for notices in (failures, relayed):
+            if notices:
+                await self._return_to_sender(envelope, data, notices)
+        warn = delayed and self._warning_due(envelope, state, started)
+        if warn:
+            await self._return_to_sender(envelope, data, delayed)
         new_state = replace(
             state,
             attempts=attempt,
             delivered=state.delivered | delivered,
             failed=state.failed | {f.recipient for f in failures},
+            warned=state.warned or bool(warn),
         )
         if not self._spool.contains(queue_id):
             return None
@@ -196,63 +216,119 @@ class Scheduler:
             due = started + self._settings.delivery.queue_timer
             await asyncio.to_thread(self._spool.defer, queue_id, new_state, due)
             return due
-        await asyncio.to_thread(self._spool.remove, queue_id)
+        await asyncio.to_thread(self._spool.remove, queue_id, release=True)
         return None
+
+    async def _targets(self, route: Route) -> tuple[Target, ...] | ResolveFailure:
+        """The hosts of a route in order, each expanded to its addresses. A relay host's
+        name goes through the resolver's search list (``smarthost.mail``); one that does not
+        resolve is skipped, so a dead first gateway does not block the second."""
+        if route.kind == "direct":
+            resolved = await self._resolver.resolve(route.name)
+            if isinstance(resolved, ResolveFailure):
+                return resolved
+            return tuple(
+                Target(name=name or address, address=address, port=route.port)
+                for name, address in resolved.targets()
+            )
+        targets: list[Target] = []
+        failures: list[ResolveFailure] = []
+        for spec in route.hosts:
+            host, port = split_hostport(spec, 25)
+            addresses = await self._resolver.addresses(host, search=True)
+            if isinstance(addresses, ResolveFailure):
+                failures.append(addresses)
+                continue
+            targets.extend(Target(name=host, address=a, port=port) for a in addresses)
+        if targets or not failures:
+            return tuple(targets)
+        permanent = all(failure.permanent for failure in failures)
+        return ResolveFailure(permanent, failures[0].status, failures[0].reason)
 
     async def _attempt_route(
         self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: bytes
     ) -> dict[str, Result]:
-        credentials = None
-        if route.kind == "gateway":
-            addresses = await self._resolver.addresses(route.name)
-            credentials = self._credentials
-        else:
-            resolved = await self._resolver.resolve(route.name)
-            addresses = resolved if isinstance(resolved, ResolveFailure) else resolved.addresses
-        if isinstance(addresses, ResolveFailure):
-            code = 550 if addresses.permanent else 451
+        targets = await self._targets(route)
+        if isinstance(targets, ResolveFailure):
+            code = 550 if targets.permanent else 451
             result = Result(
-                "failed" if addresses.permanent else "deferred",
+                "failed" if targets.permanent else "deferred",
                 code,
-                f"{addresses.status} {addresses.reason}",
+                f"{targets.status} {targets.reason}",
             )
             return dict.fromkeys(recipients, result)
+        credentials = None
+        if route.credentials_file is not None:
+            credentials = self._credentials.get(route.credentials_file)
+            if credentials is None:
+                reason = f"4.7.0 no credentials loaded from {route.credentials_file}"
+                return dict.fromkeys(recipients, Result("deferred", 451, reason))
+        policy = Policy(
+            tls=route.tls,
+            implicit_tls=route.implicit_tls,
+            ca_file=route.ca_file,
+            credentials=credentials,
+        )
         return await deliver(
-            addresses=addresses,
-            port=route.port,
+            targets=targets,
+            policy=policy,
             helo=self._hostname,
             sender=envelope.sender,
             recipients=recipients,
             data=data,
-            credentials=credentials,
+            carried=Carried(
+                options=envelope.options,
+                recipients={r: envelope.options_of(r) for r in recipients},
+            ),
+            cache=self.connections,
         )
+
+    def _warning_due(self, envelope: Envelope, state: QueueState, now: float) -> bool:
+        """delivery.delayWarning: once per message, after it has waited that long."""
+        after = self._settings.delivery.delay_warning
+        return bool(after) and not state.warned and now - envelope.received >= after
 
     async def _return_to_sender(
         self, envelope: Envelope, data: bytes, failures: list[bounce.Failure]
     ) -> None:
-        if not envelope.sender:
+        kind = {"delayed": "DELAY", "relayed": "SUCCESS"}.get(failures[0].action, "FAILURE")
+        unwanted = [f for f in failures if not envelope.options_of(f.recipient).wants(kind)]
+        if not envelope.sender or unwanted:
             mail_log().warning(
                 "bounce_suppressed",
                 queue_id=envelope.id,
-                reason="null sender",
-                recipients=[f.recipient for f in failures],
+                reason="null sender" if not envelope.sender else f"NOTIFY without {kind}",
+                recipients=[f.recipient for f in (failures if not envelope.sender else unwanted)],
             )
+        failures = [f for f in failures if f not in unwanted]
+        if not envelope.sender or not failures:
             return
         report = bounce.build_report(
             queue_id=envelope.id,
             sender=envelope.sender,
-            failures=failures,
+            failures=[
+                replace(f, original_recipient=envelope.options_of(f.recipient).orcpt)
+                for f in failures
+            ],
             headers=bounce.original_headers(data),
             hostname=self._hostname,
             arrival=envelope.received,
             now=self._clock(),
+            envid=envelope.options.envid,
+            full=data if envelope.options.ret == "FULL" else None,
         )
         returned = await self._spool.enqueue(
-            sender="", recipients=(envelope.sender,), data=report, client="bounce"
+            sender="",
+            recipients=(envelope.sender,),
+            data=report,
+            client="bounce",
+            options=MailOptions(smtputf8=not envelope.sender.isascii()),
         )
-        METRICS.bounced.inc(len(failures))
+        action = failures[0].action
+        if action == "failed":
+            METRICS.bounced.inc(len(failures))
         mail_log().info(
-            "bounced",
+            {"delayed": "delay_notice", "relayed": "relay_notice"}.get(action, "bounced"),
             queue_id=envelope.id,
             report_id=returned.id,
             sender=envelope.sender,
@@ -276,6 +352,8 @@ class Scheduler:
             route=route.kind,
             destination=route.name,
             host=result.host,
+            host_name=result.name,
+            tls=result.tls,
             attempt=attempt,
             reply=f"{result.code} {result.text}",
             outcome=outcome,

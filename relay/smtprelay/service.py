@@ -31,7 +31,7 @@ from smtprelay.config import RelayConfig, split_hostport
 from smtprelay.deliver import Credentials
 from smtprelay.logs import system_log
 from smtprelay.metrics import METRICS, serve_http
-from smtprelay.receive import RelayHandler, RelaySMTP
+from smtprelay.receive import RelayHandler, RelaySMTP, parse_networks
 from smtprelay.route import MxResolver
 from smtprelay.schedule import Scheduler
 from smtprelay.spool import PID_FILE, Shard, Spool
@@ -53,6 +53,26 @@ def load_credentials(path: Path | None) -> Credentials | None:
         )
     data = yaml.safe_load(path.read_text())
     return Credentials(username=str(data["username"]), password=str(data["password"]))
+
+
+def _all_credentials(config: RelayConfig) -> dict[Path, Credentials]:
+    """Every credentialsFile (the gateway's, each route's), read once at start."""
+    files = [("gateway.credentialsFile", config.gateway.credentials_file)]
+    files += [
+        (f"routes[{index}].credentialsFile", rule.credentials_file)
+        for index, rule in enumerate(config.routes)
+    ]
+    loaded: dict[Path, Credentials] = {}
+    for field, path in files:
+        if path is None or path in loaded:
+            continue
+        try:
+            credentials = load_credentials(path)
+        except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
+            raise StartError(f"{field}: cannot read username and password: {error}") from None
+        assert credentials is not None
+        loaded[path] = credentials
+    return loaded
 
 
 class _Sessions:
@@ -190,6 +210,7 @@ def _session_factory(
     """One aiosmtpd protocol per connection, sharing the relay's policy and state."""
     handler = RelayHandler(settings=config, hostname=hostname, spool=spool)
     limiter = FailureLimiter()
+    proxies = parse_networks(config.proxy_protocol.trusted_networks)
 
     def factory() -> _TrackedSMTP:
         return _TrackedSMTP(
@@ -202,7 +223,9 @@ def _session_factory(
             ident="smtprelay",
             tls_context=tls.current() if tls is not None else None,
             auth_require_tls=True,
+            enable_SMTPUTF8=True,
             timeout=300,
+            proxies=proxies,
         )
 
     return factory
@@ -231,12 +254,7 @@ async def _serve(
     log = system_log()
     tls = _tls(config)
     users = _users(config)
-    try:
-        credentials = load_credentials(config.gateway.credentials_file)
-    except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
-        raise StartError(
-            f"gateway.credentialsFile: cannot read username and password: {error}"
-        ) from None
+    credentials = _all_credentials(config)
 
     spool = Spool(config.spool_dir, shard=shard)
     if alone:
