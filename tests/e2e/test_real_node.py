@@ -27,6 +27,16 @@ def _send(address: str, *, to: str, subject: str) -> str:
         return subject
 
 
+def _service_answers(address: str) -> bool:
+    """The Service routes to a relay: kube-proxy has the ready pod's endpoint (a Recreate
+    rollout leaves the Service without one for a moment; clients retry, so does this)."""
+    try:
+        with smtplib.SMTP(address, 25, timeout=5) as client:
+            return client.noop()[0] == 250
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
 def _exec(plane: ControlPlane, namespace: str, *command: str, check: bool = True) -> str:
     return plane.kubectl(
         "-n", namespace, "exec", f"deploy/{RELAY}", "-c", "relay", "--", *command, check=check
@@ -93,9 +103,9 @@ class TestRealNode:
         assert container["image"] == real_cluster.image.name
 
         mx = node_mail.start_mx()
-        _send(
-            deploy.service_ip(plane, RELAY, relay_namespace), to="bob@example.test", subject="first"
-        )
+        address = deploy.service_ip(plane, RELAY, relay_namespace)
+        wait_for(lambda: _service_answers(address), timeout=30, what="the Service to answer")
+        _send(address, to="bob@example.test", subject="first")
         [got] = mx.wait_for_messages(timeout=60)
         assert got.message["Subject"] == "first"
         assert "by e2e.example.com (smtprelay)" in got.message["Received"]
@@ -126,7 +136,7 @@ class TestRealNode:
         deploy.apply(plane, _relay(relay_namespace, node_mail))
         deploy.wait_relay_ready(plane, RELAY, relay_namespace, timeout=120)
         address = deploy.service_ip(plane, RELAY, relay_namespace)
-
+        wait_for(lambda: _service_answers(address), timeout=30, what="the Service to answer")
         _send(address, to="carol@example.test", subject="queued")
         wait_for(
             lambda: len(_queued(plane, relay_namespace)) == 1,
@@ -166,6 +176,7 @@ class TestRealNode:
             return new is not None and new["metadata"]["uid"] != before["metadata"]["uid"]
 
         wait_for(rolled, timeout=120, what="the pod to roll for the new config")
+        wait_for(lambda: _service_answers(address), timeout=30, what="the Service to answer")
         _send(address, to="dave@example.test", subject="after")
         [through] = node_mail.gateway.wait_for_messages(timeout=60)
         assert through.message["Subject"] == "after"
