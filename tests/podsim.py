@@ -1,14 +1,15 @@
-"""Start the relay the way its pod would, from the operator's rendered objects.
+"""Start the relay the way its pod would, as a host process, for fast kwok-based tests.
 
-No kubelet runs containers here (kwok only pretends), so the demo and the end-to-end tests
-take the relay container out of the rendered Deployment and run it as a local process: its
-command, arguments and environment as rendered, its ConfigMap volumes written out the way
-the kubelet writes them (`AtomicVolume`, updated by `RelayPod.sync`), its
-PersistentVolumeClaim a local directory. Only what a pod gets from its node is replaced:
-the listen addresses become free loopback ports (the Service's job in a cluster) and the
-spool a local directory, given as command-line overrides so relay.yaml stays byte for byte
-the operator's (its hash is the one the operator expects the relay to report). Secret file
-paths in relay.yaml, if any, are pointed at local copies.
+The demo and tests/e2e run the relay in real pods (devcluster's node). Tests that only need
+the relay as rendered, quickly and on kwok's fake node, take the relay container out of the
+rendered Deployment and run it as a local process: its command, arguments and environment
+as rendered, its ConfigMap volumes written out the way the kubelet writes them
+(`AtomicVolume`, updated by `RelayPod.sync`), its PersistentVolumeClaim a local directory.
+Only what a pod gets from its node is replaced: the listen addresses become free loopback
+ports (the Service's job in a cluster) and the spool a local directory, given as
+command-line overrides so relay.yaml stays byte for byte the operator's (its hash is the one
+the operator expects the relay to report). Secret file paths in relay.yaml, if any, are
+pointed at local copies.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import build
+from devcluster import build, cache
 
 CLI_UTILS = "sigs.k8s.io/cli-utils"
 CLI_UTILS_VERSION = "v0.37.2"
@@ -26,7 +26,7 @@ SOURCE = Path(__file__).with_name("kstatus_src") / "main.go"
 
 def _root() -> Path:
     source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    return build.cache_root() / f"kstatus-{CLI_UTILS_VERSION}-{source}"
+    return cache.cache_root() / f"kstatus-{CLI_UTILS_VERSION}-{source}"
 
 
 def ensure_built() -> Path:
@@ -65,7 +65,7 @@ def ensure_built() -> Path:
                 check=False,
             )
             if result.returncode != 0:
-                raise build.BuildError(f"go {args[0]} kstatus: {result.stderr[-2000:]}")
+                raise cache.BuildError(f"go {args[0]} kstatus: {result.stderr[-2000:]}")
     return binary
 
 
