@@ -7,12 +7,23 @@ null envelope sender so that a report can never cause another report.
 from __future__ import annotations
 
 import email.utils
+import re
 from dataclasses import dataclass
 from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTP
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
+DIAGNOSTIC_MAX = 900  # a remote reply is quoted, not copied whole
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line of printable characters: a remote server's multi-line reply
+    (``550-...``/``550 Action: delivered``) is quoted in a report, never parsed as fields."""
+    flat = _CONTROLS.sub(" ", text).strip()
+    return flat if len(flat) <= DIAGNOSTIC_MAX else flat[: DIAGNOSTIC_MAX - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -41,7 +52,7 @@ def _text_part(failures: list[Failure], hostname: str) -> str:
         "Your message could not be delivered to the following recipients:",
         "",
     ]
-    lines += [f"  <{f.recipient}>: {f.diagnostic}" for f in failures]
+    lines += [f"  <{one_line(f.recipient)}>: {one_line(f.diagnostic)}" for f in failures]
     lines += ["", "The headers of your message are attached."]
     return "\n".join(lines) + "\n"
 
@@ -57,12 +68,12 @@ def _status_part(
     part.attach(per_message)
     for failure in failures:
         block = Message()
-        block["Final-Recipient"] = f"rfc822; {failure.recipient}"
+        block["Final-Recipient"] = f"rfc822; {one_line(failure.recipient)}"
         block["Action"] = "failed"
         block["Status"] = failure.status
         if failure.remote_mta:
-            block["Remote-MTA"] = f"dns; {failure.remote_mta}"
-        block["Diagnostic-Code"] = f"smtp; {failure.diagnostic}"
+            block["Remote-MTA"] = f"dns; {one_line(failure.remote_mta)}"
+        block["Diagnostic-Code"] = f"smtp; {one_line(failure.diagnostic)}"
         part.attach(block)
     return part
 
@@ -80,7 +91,7 @@ def build_report(
     """The report for ``sender`` about ``failures``, from MAILER-DAEMON at ``hostname``."""
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
-    report["To"] = sender
+    report["To"] = one_line(sender)
     report["Subject"] = "Undelivered Mail Returned to Sender"
     report["Date"] = email.utils.formatdate(now)
     report["Message-ID"] = email.utils.make_msgid(idstring=queue_id, domain=hostname)

@@ -19,9 +19,10 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
+from smtprelay.addresses import address_problem, canonical, helo_problem, local_part_problem
 from smtprelay.auth import FailureLimiter, Users
 from smtprelay.config import MailSettings
-from smtprelay.logs import debug_enabled, mail_log
+from smtprelay.logs import debug_enabled, mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.spool import Spool
 from smtprelay.transcript import mask_auth, record
@@ -32,12 +33,8 @@ MAX_RECIPIENTS = 1000
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 AUTH_BLOCKED = "421 4.7.0 Too many failed authentications from your address, try again later"
 AUTH_NOT_OFFERED = "502 5.5.1 AUTH is not offered by this relay"
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors in this session, closing connection"
 
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = rf"({_LABEL}(\.{_LABEL})*|\[(IPv6:)?[0-9A-Fa-f:.]+\])"
-_LOCAL = r"[^@\s<>()\[\],;:\"\\]{1,64}|\"[^\"\\\r\n]{1,62}\""
-ADDRESS = re.compile(rf"^({_LOCAL})@{_DOMAIN}$")
-BARE_USER = re.compile(rf"^({_LOCAL})$")
 
 # aiosmtpd's stock replies, given the enhanced status codes (RFC 3463) clients log.
 _ENHANCED = {
@@ -111,12 +108,17 @@ class RelaySMTP(SMTP):
         *,
         users: Users | None = None,
         limiter: FailureLimiter | None = None,
+        errors_limit: int = 20,
+        data_timeout: float = 600.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self._users = users
         self._limiter = limiter or FailureLimiter()
         self._closing = False
+        self._errors = 0
+        self._errors_limit = errors_limit
+        self._data_timeout = data_timeout
         if debug_enabled():
             self._smtp_methods = {
                 name: self._transcribed(name, method) for name, method in self._smtp_methods.items()
@@ -143,6 +145,12 @@ class RelaySMTP(SMTP):
         if debug_enabled():
             record("out", self.peer_text, status)
         await super().push(status)
+        if status[:1] in ("4", "5") and not status.startswith("421"):
+            self._errors += 1
+            if self._errors >= self._errors_limit:
+                METRICS.refused.labels(reason="error_limit").inc()
+                mail_log().info("disconnected", client=self._client, reason="error_limit")
+                self._hang_up(TOO_MANY_ERRORS)
 
     # --- graceful stop ----------------------------------------------------------------
 
@@ -169,9 +177,34 @@ class RelaySMTP(SMTP):
         await super().smtp_MAIL(arg)
 
     async def smtp_DATA(self, arg: str | None) -> None:
+        self._reset_timeout(self._data_timeout)  # for the whole message: no slow stretching
         await super().smtp_DATA(arg)
+        if self.transport is not None:
+            self._reset_timeout()
         if self._closing:
             self._hang_up(SHUTTING_DOWN)
+
+    # --- what the client names itself ------------------------------------------------
+
+    async def _greeting_name_ok(self, verb: str, name: str | None) -> bool:
+        """EHLO/HELO names go into the Received: header: refuse any that could forge one."""
+        problem = helo_problem(name) if name else None
+        if problem is None:
+            return True
+        METRICS.refused.labels(reason="bad_helo").inc()
+        mail_log().info("refused", client=self._client, reason="bad_helo", helo=name)
+        await self.push(f"501 5.5.4 Invalid {verb} name: {problem}")
+        return False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if await self._greeting_name_ok("HELO", hostname):
+            await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if await self._greeting_name_ok("EHLO", hostname):
+            await super().smtp_EHLO(hostname)
 
     # --- AUTH -------------------------------------------------------------------------
 
@@ -206,8 +239,16 @@ class RelaySMTP(SMTP):
         if not isinstance(pending, _Unchecked) or self._users is None:
             return result  # malformed or aborted: aiosmtpd has answered already
         user = pending.credentials.login.decode("utf-8", "replace")
-        ok = await self._users.check(user, pending.credentials.password)
         client = self._client
+        if self._limiter.blocked(client):
+            METRICS.auth.labels(outcome="blocked").inc()
+            self._hang_up(AUTH_BLOCKED)
+            return AuthResult(success=False, handled=True)
+        self._limiter.begin(client)
+        try:
+            ok = await self._users.check(user, pending.credentials.password)
+        finally:
+            self._limiter.end(client)
         mail_log().info(
             "auth",
             client=client,
@@ -242,6 +283,11 @@ class RelayHandler:
         self._clock = clock
         self._networks = parse_networks(settings.allowed_networks)
 
+    async def handle_exception(self, error: Exception) -> str:
+        """A fault of ours is a temporary condition: 4xx, so the client retries later."""
+        system_log().error("session_error", error=f"{type(error).__name__}: {error}")
+        return "451 4.3.0 Local error in processing, try again later"
+
     def may_relay(self, session: Session) -> bool:
         if session.authenticated:
             return True
@@ -255,6 +301,15 @@ class RelayHandler:
         )
         return reply
 
+    def _room_for(self, mail_options: list[str]) -> str | None:
+        """452 at once when the declared SIZE is more than the spool's volume has free (as
+        Postfix's queue_minfree), rather than after the client has sent it all."""
+        for option in mail_options:
+            key, _, value = option.partition("=")
+            if key.upper() == "SIZE" and value.isdigit() and int(value) >= self._spool.free_bytes():
+                return "452 4.3.1 Insufficient system storage for this message, try later"
+        return None
+
     async def handle_MAIL(
         self,
         server: SMTP,
@@ -263,13 +318,15 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if (room := self._room_for(mail_options)) is not None:
+            return self._refuse(session, "spool_full", room, sender=address)
         if address == "<>":
             address = ""  # the null reverse-path of reports (RFC 5321 §4.5.5)
-        if address and not ADDRESS.match(address):
+        if address and (problem := address_problem(address)):
             return self._refuse(
                 session,
                 "bad_sender",
-                f"553 5.1.7 Bad sender address syntax: <{address}>",
+                f"553 5.1.7 Bad sender address: {problem}",
                 sender=address,
             )
         envelope.mail_from = address or "<>"  # aiosmtpd needs a truthy value after MAIL
@@ -295,7 +352,7 @@ class RelayHandler:
             )
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
-        if BARE_USER.match(address):
+        if "@" not in address and not local_part_problem(address):
             if self._settings.default_mail_host is None:
                 return self._refuse(
                     session,
@@ -305,14 +362,18 @@ class RelayHandler:
                     recipient=address,
                 )
             address = f"{address}@{self._settings.default_mail_host}"
-        elif not ADDRESS.match(address):
+        elif problem := address_problem(address):
             return self._refuse(
                 session,
                 "bad_recipient",
-                f"553 5.1.3 Bad recipient address syntax: <{address}>",
+                f"553 5.1.3 Bad recipient address: {problem}",
                 sender=envelope.mail_from,
                 recipient=address,
             )
+        seen: set[str] = envelope.__dict__.setdefault("smtprelay_seen", set())
+        if canonical(address) in seen:
+            return "250 2.1.5 OK (duplicate recipient, delivered once)"
+        seen.add(canonical(address))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
