@@ -2,7 +2,8 @@
 
 Replies are classified per recipient (RFC 5321 §4.2.1): 2xx delivered, 4xx and connection
 failures deferred, 5xx failed. STARTTLS is used whenever the peer offers it (opportunistic,
-unverified, as for MX delivery in general); it is required before AUTH at a gateway, so a
+unverified, as for MX delivery in general; a failed handshake is retried in plaintext within
+the attempt, RFC 7435); it is required before AUTH at a gateway, so a
 gateway that does not offer it defers the mail rather than receive the password in clear.
 With ``logging.debug`` the client writes a transcript (see :mod:`smtprelay.transcript`).
 """
@@ -59,6 +60,21 @@ def _unverified_context() -> ssl.SSLContext:
 Transcript = Callable[[str, str], None]
 
 
+class _TlsFailed(Exception):
+    """The STARTTLS handshake (or the command) failed after the peer offered it."""
+
+
+async def _secure(client: aiosmtplib.SMTP, *, required: bool, wanted: bool) -> None:
+    """STARTTLS when the peer offers it (``wanted``), or always (``required``)."""
+    await client.ehlo()
+    if required or (wanted and client.supports_extension("starttls")):
+        try:
+            await client.starttls()
+        except (aiosmtplib.SMTPException, OSError) as error:
+            where = f"{client.hostname}:{client.port}"
+            raise _TlsFailed(f"{where}: STARTTLS failed: {error}") from error
+
+
 async def _deliver_once(
     *,
     address: str,
@@ -69,18 +85,20 @@ async def _deliver_once(
     data: bytes,
     credentials: Credentials | None,
     timeout: float,
+    tls: bool,
 ) -> dict[str, Result]:
     client = TranscribingSMTP(
         hostname=address,
         port=port,
         local_hostname=helo,
         timeout=timeout,
-        start_tls=True if credentials else None,
+        start_tls=False,
         validate_certs=False,
         tls_context=_unverified_context(),
     )
     await client.connect()
     try:
+        await _secure(client, required=credentials is not None, wanted=tls)
         if credentials is not None:
             await client.login(credentials.username, credentials.password)
         await client.mail(sender)
@@ -93,6 +111,8 @@ async def _deliver_once(
                 results[recipient] = Result(
                     classify(error.code), error.code, error.message, address
                 )
+            except ValueError as error:  # a spooled address aiosmtplib will not send
+                results[recipient] = Result("failed", 553, f"5.1.3 {error}", address)
             else:
                 accepted.append(recipient)
                 results[recipient] = Result("delivered", reply.code, reply.message, address)
@@ -133,17 +153,28 @@ async def deliver(
     """
     last = Result("deferred", 451, "no address to deliver to")
     for address in addresses:
+        once = functools.partial(
+            _deliver_once,
+            address=address,
+            port=port,
+            helo=helo,
+            sender=sender,
+            recipients=recipients,
+            data=data,
+            credentials=credentials,
+            timeout=timeout,
+        )
         try:
-            return await _deliver_once(
-                address=address,
-                port=port,
-                helo=helo,
-                sender=sender,
-                recipients=recipients,
-                data=data,
-                credentials=credentials,
-                timeout=timeout,
-            )
+            try:
+                return await once(tls=True)
+            except _TlsFailed as error:
+                if credentials is not None:
+                    raise
+                # Opportunistic TLS (RFC 7435): a failed handshake is retried in plaintext.
+                last = Result("deferred", 451, str(error), address)
+                return await once(tls=False)
+        except _TlsFailed as error:
+            last = Result("deferred", 451, str(error), address)
         except aiosmtplib.SMTPSenderRefused as error:
             last = Result(classify(error.code), error.code, error.message, address)
             if last.outcome == "failed":

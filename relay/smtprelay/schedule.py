@@ -140,15 +140,38 @@ class Scheduler:
             raise
         except Exception as error:  # one broken message must not stop the queue
             system_log().exception("attempt_crashed", queue_id=queue_id, error=str(error))
-            if self._spool.contains(queue_id):
-                return self._clock() + self._settings.delivery.queue_timer
-            return None
+            return self._count_crashed(queue_id)
+
+    def _count_crashed(self, queue_id: str) -> float | None:
+        """An attempt that crashed still counts toward ``tries``; after the last one the
+        message is set aside (``corrupt/``) rather than tried forever."""
+        try:
+            if not self._spool.contains(queue_id):
+                return None
+            state = self._spool.load_state(queue_id)
+            attempts = state.attempts + 1
+            if attempts >= self._settings.delivery.tries:
+                self._quarantine(queue_id, "every attempt crashed")
+                return None
+            due = self._clock() + self._settings.delivery.queue_timer
+            self._spool.defer(queue_id, replace(state, attempts=attempts), due)
+        except OSError as error:
+            system_log().error("attempt_not_counted", queue_id=queue_id, error=str(error))
+            return self._clock() + self._settings.delivery.queue_timer
+        return due
+
+    def _quarantine(self, queue_id: str, reason: str) -> None:
+        where = self._spool.quarantine(queue_id)
+        system_log().error("message_quarantined", queue_id=queue_id, reason=reason, path=str(where))
 
     async def _attempt_unguarded(self, queue_id: str) -> float | None:
         try:
             envelope, data = self._spool.read(queue_id)
         except FileNotFoundError:
             return None  # deleted by an administrator meanwhile
+        except (ValueError, KeyError, TypeError) as error:  # torn or foreign: never retried
+            self._quarantine(queue_id, f"unreadable: {error}")
+            return None
         state = self._spool.load_state(queue_id)
         attempt = state.attempts + 1
         pending = state.pending(envelope)
@@ -202,6 +225,22 @@ class Scheduler:
     async def _attempt_route(
         self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: bytes
     ) -> dict[str, Result]:
+        """Whatever goes wrong on one route becomes its recipients' outcome, counted toward
+        ``tries``; the other routes' outcomes in the same attempt are kept."""
+        try:
+            return await self._try_route(route, recipients, envelope, data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            system_log().exception(
+                "route_crashed", queue_id=envelope.id, destination=route.name, error=str(error)
+            )
+            reason = f"4.3.0 local error in delivery: {type(error).__name__}: {error}"
+            return dict.fromkeys(recipients, Result("deferred", 451, reason))
+
+    async def _try_route(
+        self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: bytes
+    ) -> dict[str, Result]:
         credentials = None
         if route.kind == "gateway":
             addresses = await self._resolver.addresses(route.name)
@@ -210,11 +249,14 @@ class Scheduler:
             resolved = await self._resolver.resolve(route.name)
             addresses = resolved if isinstance(resolved, ResolveFailure) else resolved.addresses
         if isinstance(addresses, ResolveFailure):
-            code = 550 if addresses.permanent else 451
+            # A gateway that does not resolve is our configuration's fault, not the
+            # recipient's: defer, never bounce.
+            permanent = addresses.permanent and route.kind == "direct"
+            status = addresses.status if permanent else "4" + addresses.status[1:]
             result = Result(
-                "failed" if addresses.permanent else "deferred",
-                code,
-                f"{addresses.status} {addresses.reason}",
+                "failed" if permanent else "deferred",
+                550 if permanent else 451,
+                f"{status} {addresses.reason}",
             )
             return dict.fromkeys(recipients, result)
         return await deliver(

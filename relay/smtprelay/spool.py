@@ -4,7 +4,9 @@ Layout under the spool directory::
 
     queue/<id>.eml    immutable: one JSON envelope line, then the message as received
     state/<id>.json   mutable: attempts made, when the next is due, recipients settled
+    corrupt/          files that are not the relay's or cannot be read, set aside
     smtprelay.pid     the serving process, so queue commands can nudge it
+    smtprelay.lock    flock'ed by every process of the relay serving this spool
 
 A message's queue file doubles as its lock (``flock``): the relay holds it through each
 delivery attempt and queue commands take it before they delete, bounce or reschedule, so an
@@ -23,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -31,8 +34,19 @@ from pathlib import Path
 
 _QUEUE = "queue"
 _STATE = "state"
+_CORRUPT = "corrupt"
 _SUFFIX = ".eml"
 PID_FILE = "smtprelay.pid"
+LOCK_FILE = "smtprelay.lock"
+_ID = re.compile(r"^[0-9a-f]{21}$")  # new_queue_id's shape; anything else is not ours
+
+
+def is_queue_id(name: str) -> bool:
+    return _ID.match(name) is not None
+
+
+class SpoolInUse(Exception):
+    """Another relay's processes still serve this spool."""
 
 
 class Busy(Exception):
@@ -218,6 +232,11 @@ class Spool:
         """Be told the id of every message enqueued from now on."""
         self._listeners.append(listener)
 
+    def free_bytes(self) -> int:
+        """Space left on the spool's volume for an unprivileged writer."""
+        stats = os.statvfs(self.queue_dir)
+        return stats.f_bavail * stats.f_frsize
+
     def probe_writable(self) -> bool:
         """True when a file can be created and removed in the queue directory."""
         probe = self.queue_dir / f".probe-{os.getpid()}"
@@ -261,11 +280,12 @@ class Spool:
     def ids(self) -> Iterator[str]:
         """Every queued message id, in arrival order."""
         names = sorted(
-            entry.name for entry in os.scandir(self.queue_dir) if entry.name.endswith(_SUFFIX)
+            entry.name
+            for entry in os.scandir(self.queue_dir)
+            if entry.name.endswith(_SUFFIX) and is_queue_id(entry.name[: -len(_SUFFIX)])
         )
         for name in names:
-            if not name.startswith("."):
-                yield name[: -len(_SUFFIX)]
+            yield name[: -len(_SUFFIX)]
 
     def scan(self) -> list[QueueEntry]:
         """Every queued message of this shard and when it is next due, in arrival order.
@@ -277,8 +297,8 @@ class Spool:
         with os.scandir(self.queue_dir) as listing:
             for entry in listing:
                 name = entry.name
-                if not name.endswith(_SUFFIX) or name.startswith("."):
-                    continue
+                if not name.endswith(_SUFFIX) or not is_queue_id(name[: -len(_SUFFIX)]):
+                    continue  # a temporary file, or a stray one remove_orphans sets aside
                 if not self.shard.owns(name[: -len(_SUFFIX)]):
                     continue  # another worker's
                 try:
@@ -370,14 +390,65 @@ class Spool:
             _fsync_dir(self.queue_dir)
         return True
 
+    @property
+    def corrupt_dir(self) -> Path:
+        return self.root / _CORRUPT
+
+    def quarantine(self, queue_id: str) -> Path:
+        """Set an unreadable message aside in ``corrupt/`` (kept for an administrator, never
+        tried again); returns where it went."""
+        return self._set_aside(self.queue_dir / f"{queue_id}{_SUFFIX}", remove_state=queue_id)
+
+    def _set_aside(self, path: Path, *, remove_state: str = "") -> Path:
+        self.corrupt_dir.mkdir(exist_ok=True)
+        target = self.corrupt_dir / path.name
+        if target.exists():
+            target = target.with_name(f"{path.name}.{secrets.token_hex(4)}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, target)
+        if remove_state:
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / f"{remove_state}.json").unlink()
+        return target
+
+    def corrupt_count(self) -> int:
+        """Files set aside in ``corrupt/`` (a gauge: an administrator should look)."""
+        try:
+            with os.scandir(self.corrupt_dir) as listing:
+                return sum(1 for _ in listing)
+        except FileNotFoundError:
+            return 0
+
+    def lock_exclusively(self) -> int:
+        """Take the spool for this relay: returns the locked descriptor, which worker
+        processes inherit, so the lock holds while any of them lives. Raises `SpoolInUse`
+        when another relay's processes hold it."""
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolInUse(
+                f"{self.root} is in use by another relay's processes; stop them first"
+            ) from None
+        return fd
+
     def remove_orphans(self) -> int:
-        """Delete temporary files and state files left by a crash; returns how many."""
+        """Delete temporary files and state files left by a crash, and set aside files that
+        are not the relay's (``backup.eml``, an editor's leftover); returns how many."""
         removed = 0
         for directory in (self.queue_dir, self.state_dir):
             for entry in os.scandir(directory):
                 if entry.name.startswith(".tmp-"):
                     Path(entry.path).unlink(missing_ok=True)
                     removed += 1
+        for entry in os.scandir(self.queue_dir):
+            name = entry.name
+            if name.startswith((".tmp-", ".probe-")):
+                continue
+            if not (name.endswith(_SUFFIX) and is_queue_id(name[: -len(_SUFFIX)])):
+                self._set_aside(Path(entry.path))
+                removed += 1
         for entry in os.scandir(self.state_dir):
             qid = entry.name.removesuffix(".json")
             if not self.contains(qid):
