@@ -18,6 +18,7 @@ from typing import Literal
 
 import aiosmtplib
 
+from smtprelay.spool import MessageFile
 from smtprelay.transcript import TranscribingSMTP
 
 Outcome = Literal["delivered", "deferred", "failed"]
@@ -82,7 +83,7 @@ async def _deliver_once(
     helo: str,
     sender: str,
     recipients: tuple[str, ...],
-    data: bytes,
+    data: MessageFile,
     credentials: Credentials | None,
     timeout: float,
     tls: bool,
@@ -118,7 +119,7 @@ async def _deliver_once(
                 results[recipient] = Result("delivered", reply.code, reply.message, address)
         if accepted:
             try:
-                reply = await client.data(data)
+                reply = await client.send_file(data, timeout=timeout)
             except aiosmtplib.SMTPResponseException as error:
                 for recipient in accepted:
                     results[recipient] = Result(
@@ -142,7 +143,7 @@ async def deliver(
     helo: str,
     sender: str,
     recipients: tuple[str, ...],
-    data: bytes,
+    data: MessageFile,
     credentials: Credentials | None = None,
     timeout: float = 60.0,
 ) -> dict[str, Result]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import email.utils
 import errno
 import ipaddress
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,10 +20,12 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, sy
 
 from smtprelay.addresses import address_problem, canonical, helo_problem, local_part_problem
 from smtprelay.auth import FailureLimiter, Users
+from smtprelay.bodystream import BodyDecoder
 from smtprelay.config import MailSettings
+from smtprelay.dataphase import StreamingData
 from smtprelay.logs import debug_enabled, mail_log, system_log
 from smtprelay.metrics import METRICS
-from smtprelay.spool import Spool
+from smtprelay.spool import Draft, Spool
 from smtprelay.transcript import mask_auth, record
 
 MAX_HOPS = 50
@@ -61,12 +62,6 @@ def client_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     return address
 
 
-def count_hops(data: bytes) -> int:
-    """How many Received: headers the message already carries."""
-    head = re.split(rb"\r?\n\r?\n", data, maxsplit=1)[0]
-    return len(re.findall(rb"(?im)^received:", head))
-
-
 def received_header(
     *,
     helo: str,
@@ -94,7 +89,7 @@ class _Unchecked:
     credentials: LoginPassword
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(StreamingData, SMTP):
     """aiosmtpd's protocol, with what a production front door adds to it.
 
     RFC 3463 status codes on its stock size and line replies; AUTH PLAIN/LOGIN against the
@@ -177,10 +172,7 @@ class RelaySMTP(SMTP):
         await super().smtp_MAIL(arg)
 
     async def smtp_DATA(self, arg: str | None) -> None:
-        self._reset_timeout(self._data_timeout)  # for the whole message: no slow stretching
         await super().smtp_DATA(arg)
-        if self.transport is not None:
-            self._reset_timeout()
         if self._closing:
             self._hang_up(SHUTTING_DOWN)
 
@@ -378,68 +370,76 @@ class RelayHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        data: bytes = envelope.original_content or b""
-        peer = str(client_ip(session.peer))
-        recipients = tuple(envelope.rcpt_tos)
-        sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
-        hops = count_hops(data)
-        if hops > MAX_HOPS:
-            return self._refuse(
-                session,
-                "loop",
-                f"554 5.4.6 Too many hops ({hops}): mail loop suspected",
-                sender=sender,
-                recipients=list(recipients),
-            )
+    def begin_message(self, session: Session, envelope: Envelope) -> Draft:
+        """DATA is starting: a spool draft with the envelope and our Received: header first,
+        so the body can be written to it as it arrives."""
         now = self._clock()
         queue_id = self._spool.shard.new_id(now)
+        recipients = tuple(envelope.rcpt_tos)
+        peer = str(client_ip(session.peer))
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if session.ssl is not None:
             protocol += "S"
         if session.authenticated:
             protocol += "A"
-        trace = received_header(
-            helo=session.host_name or "",
-            peer_ip=peer,
-            hostname=self._hostname,
-            protocol=protocol,
-            queue_id=queue_id,
-            recipient=recipients[0] if len(recipients) == 1 else "",
-            now=now,
+        draft = self._spool.draft(
+            sender=_sender(envelope), recipients=recipients, client=peer, queue_id=queue_id
         )
-        try:
-            stored = await self._spool.enqueue(
-                sender=sender,
-                recipients=recipients,
-                data=trace + data,
-                client=peer,
+        draft.write(
+            received_header(
+                helo=session.host_name or "",
+                peer_ip=peer,
+                hostname=self._hostname,
+                protocol=protocol,
                 queue_id=queue_id,
+                recipient=recipients[0] if len(recipients) == 1 else "",
+                now=now,
             )
+        )
+        return draft
+
+    async def end_message(self, session: Session, draft: Draft, body: BodyDecoder) -> str:
+        """The client sent the end of data: the reply, 250 only once the message is durable."""
+        envelope = draft.envelope
+        facts: dict[str, Any] = {"sender": envelope.sender, "recipients": list(envelope.recipients)}
+        refusal = None
+        if body.too_long:
+            refusal = ("line_too_long", "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)")
+        elif body.too_big:
+            refusal = ("too_big", "552 5.3.4 Message size exceeds the maximum allowed")
+        elif body.hops > MAX_HOPS:
+            refusal = ("loop", f"554 5.4.6 Too many hops ({body.hops}): mail loop suspected")
+        if refusal is not None:
+            draft.discard()
+            return self._refuse(session, *refusal, **facts)
+        try:
+            stored = await self._spool.commit(draft)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 return self._refuse(
                     session,
                     "spool_full",
                     "452 4.3.1 Insufficient system storage, try later",
-                    sender=sender,
-                    recipients=list(recipients),
+                    **facts,
                 )
             return self._refuse(
                 session,
                 "spool_error",
                 f"451 4.3.0 Local error in processing: {error.strerror}",
-                sender=sender,
-                recipients=list(recipients),
+                **facts,
             )
         METRICS.accepted.inc()
         mail_log().info(
             "accepted",
             queue_id=stored.id,
-            client=peer,
+            client=stored.client,
             helo=session.host_name,
-            sender=sender,
-            recipients=list(recipients),
-            size=len(data),
+            size=body.size,
+            bare_newlines=body.bare_newlines,
+            **facts,
         )
         return f"250 2.0.0 Ok: queued as {stored.id}"
+
+
+def _sender(envelope: Envelope) -> str:
+    return "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)

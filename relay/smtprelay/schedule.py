@@ -22,7 +22,7 @@ from smtprelay.deliver import Credentials, Result, deliver
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
-from smtprelay.spool import Busy, Envelope, Spool
+from smtprelay.spool import Busy, Envelope, MessageFile, Spool
 
 
 class Scheduler:
@@ -166,7 +166,7 @@ class Scheduler:
 
     async def _attempt_unguarded(self, queue_id: str) -> float | None:
         try:
-            envelope, data = self._spool.read(queue_id)
+            envelope, data = self._spool.open_message(queue_id)
         except FileNotFoundError:
             return None  # deleted by an administrator meanwhile
         except (ValueError, KeyError, TypeError) as error:  # torn or foreign: never retried
@@ -223,7 +223,7 @@ class Scheduler:
         return None
 
     async def _attempt_route(
-        self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: bytes
+        self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: MessageFile
     ) -> dict[str, Result]:
         """Whatever goes wrong on one route becomes its recipients' outcome, counted toward
         ``tries``; the other routes' outcomes in the same attempt are kept."""
@@ -239,7 +239,7 @@ class Scheduler:
             return dict.fromkeys(recipients, Result("deferred", 451, reason))
 
     async def _try_route(
-        self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: bytes
+        self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: MessageFile
     ) -> dict[str, Result]:
         credentials = None
         if route.kind == "gateway":
@@ -270,7 +270,7 @@ class Scheduler:
         )
 
     async def _return_to_sender(
-        self, envelope: Envelope, data: bytes, failures: list[bounce.Failure]
+        self, envelope: Envelope, data: MessageFile, failures: list[bounce.Failure]
     ) -> None:
         if not envelope.sender:
             mail_log().warning(
@@ -284,7 +284,7 @@ class Scheduler:
             queue_id=envelope.id,
             sender=envelope.sender,
             failures=failures,
-            headers=bounce.original_headers(data),
+            headers=bounce.original_headers(data.head()),
             hostname=self._hostname,
             arrival=envelope.received,
             now=self._clock(),

@@ -38,6 +38,7 @@ _CORRUPT = "corrupt"
 _SUFFIX = ".eml"
 PID_FILE = "smtprelay.pid"
 LOCK_FILE = "smtprelay.lock"
+MAX_ENVELOPE = 1024 * 1024  # 1000 recipients of 256 octets, with room
 _ID = re.compile(r"^[0-9a-f]{21}$")  # new_queue_id's shape; anything else is not ours
 
 
@@ -75,6 +76,30 @@ class QueueState:
     def pending(self, envelope: Envelope) -> tuple[str, ...]:
         settled = self.delivered | self.failed
         return tuple(r for r in envelope.recipients if r not in settled)
+
+
+@dataclass(frozen=True)
+class MessageFile:
+    """A spooled message, read in pieces: memory never follows its size."""
+
+    path: Path
+    offset: int
+
+    def pieces(self, size: int = 65536) -> Iterator[bytes]:
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            while piece := handle.read(size):
+                yield piece
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size - self.offset
+
+    def head(self, limit: int = 65536) -> bytes:
+        """The message's first ``limit`` octets (its header, for a report)."""
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(limit)
 
 
 @dataclass(frozen=True)
@@ -212,6 +237,50 @@ def _decode_state(raw: bytes) -> QueueState:
     )
 
 
+class Draft:
+    """A message being received: written to a temporary file as it arrives, made durable and
+    visible by `Spool.commit`, or thrown away by `discard`. A write that fails (a full
+    volume) is remembered in ``error`` and later writes are skipped, so the session can read
+    the rest of the message and answer 4xx."""
+
+    def __init__(self, envelope: Envelope, path: Path) -> None:
+        self.envelope = envelope
+        self.path = path
+        self.tmp = path.with_name(f".tmp-{path.name}")
+        self.error: OSError | None = None
+        self.size = 0
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None or self.error is not None or not data:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as error:
+            self.error = error
+            self.discard()
+        self.size += len(data)
+
+    def finish(self) -> None:
+        """fsync and rename into place (in a worker thread: it waits for the disk)."""
+        assert self._fd is not None
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
 class Spool:
     """The queue directory, with durable enqueue and crash-safe state updates."""
 
@@ -276,6 +345,45 @@ class Spool:
         for listener in self._listeners:
             listener(envelope.id)
         return envelope
+
+    def draft(
+        self, *, sender: str, recipients: tuple[str, ...], client: str, queue_id: str
+    ) -> Draft:
+        """Start receiving a message: its envelope is the file's first line."""
+        envelope = Envelope(
+            id=queue_id, sender=sender, recipients=recipients, received=self._clock(), client=client
+        )
+        draft = Draft(envelope, self.queue_dir / f"{queue_id}{_SUFFIX}")
+        draft.write(_encode_envelope(envelope))
+        return draft
+
+    async def commit(self, draft: Draft) -> Envelope:
+        """Make a draft durable (fsync, rename, directory fsync grouped with others'); when
+        this returns, the message survives any crash."""
+        if draft.error is not None:
+            raise draft.error
+        try:
+            await asyncio.to_thread(draft.finish)
+        except OSError:
+            draft.discard()
+            raise
+        try:
+            await self._queue_sync.sync()
+        except OSError:
+            with contextlib.suppress(OSError):
+                draft.path.unlink()
+            raise
+        for listener in self._listeners:
+            listener(draft.envelope.id)
+        return draft.envelope
+
+    def open_message(self, queue_id: str) -> tuple[Envelope, MessageFile]:
+        """The envelope, and where the message is, to be read in pieces."""
+        path = self.queue_dir / f"{queue_id}{_SUFFIX}"
+        with path.open("rb") as handle:
+            envelope = _decode_envelope(handle.readline(MAX_ENVELOPE))
+            offset = handle.tell()
+        return envelope, MessageFile(path, offset)
 
     def ids(self) -> Iterator[str]:
         """Every queued message id, in arrival order."""
