@@ -2,29 +2,78 @@
 # Installs everything smtprelay's demo and tests need, on a fresh Debian 12 machine, and is a
 # quick no-op when it is all there already. Prints the venv's bin directory last.
 #
-#   system packages  dnsmasq, swaks, Postfix (smtp-sink/smtp-source), make   (apt-get)
+#   system packages  see REQUIREMENTS below                                  (apt-get)
 #   Python           a venv keyed by pyproject.toml, under ~/.cache/smtprelay  (pip)
 #   Kubernetes       etcd, kube-apiserver, controllers, kwok, kubectl built from the
 #                    pinned Go modules, under ~/.cache/smtprelay               (go build)
+#
+#   scripts/setup.sh --check   installs nothing: checks every capability the tests use and
+#                              prints, for each one missing, the Debian package that gives it;
+#                              exit 1 if any is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE=${SMTPRELAY_CACHE:-$HOME/.cache/smtprelay}
-mkdir -p "$CACHE"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-missing=()
-command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
-command -v swaks >/dev/null 2>&1 || missing+=(swaks)
-[ -x /usr/sbin/smtp-sink ] || missing+=(postfix)
-command -v make >/dev/null 2>&1 || missing+=(make)
-command -v python3 >/dev/null 2>&1 || missing+=(python3 python3-venv)
+# One row a capability: what the tests need, how to check it, which packages give it.
+# A check is about the capability, not the package name: swaks without Net::SSLeay is
+# installed but cannot do --tls, and that is what once broke `make test` on a new machine.
+has_dnsmasq() { command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ]; }
+has_swaks() { command -v swaks >/dev/null 2>&1; }
+has_swaks_tls() { has_swaks && swaks --support 2>&1 | grep -q '^=== TLS supported'; }
+has_postfix_tools() { [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ]; }
+has_make() { command -v make >/dev/null 2>&1; }
+has_python_venv() { command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null; }
+has_unshare() { command -v unshare >/dev/null 2>&1; }
+REQUIREMENTS=(
+  # check                 packages                                       what for
+  "has_dnsmasq            dnsmasq-base                                    DNS peer (MX/A records)"
+  "has_swaks              swaks                                           SMTP client peer"
+  "has_swaks_tls          libnet-ssleay-perl,libio-socket-ssl-perl        swaks --tls (STARTTLS+AUTH tests)"
+  "has_postfix_tools      postfix                                         smtp-sink/smtp-source peers, bench"
+  "has_make               make                                            the README's two commands"
+  "has_python_venv        python3,python3-venv                            the project's virtualenv"
+  "has_unshare            util-linux                                      full-disk tests (private tmpfs)"
+)
+
+missing_packages() {
+  local row check pkgs
+  for row in "${REQUIREMENTS[@]}"; do
+    read -r check pkgs _ <<<"$row"
+    "$check" || echo "${pkgs//,/ }"
+  done
+}
+
+if [ "${1:-}" = --check ]; then
+  status=0
+  for row in "${REQUIREMENTS[@]}"; do
+    read -r check pkgs what <<<"$row"
+    if "$check"; then echo "ok       $what"; else
+      echo "MISSING  $what: apt-get install ${pkgs//,/ }"; status=1; fi
+  done
+  if command -v go >/dev/null 2>&1 || [ -x /usr/local/go/bin/go ]; then
+    echo "ok       Go toolchain (control plane build)"
+  else
+    echo "MISSING  Go toolchain (control plane build): install Go 1.26 (https://go.dev/dl/)"; status=1
+  fi
+  exit $status
+fi
+
+mkdir -p "$CACHE"
+read -r -a missing <<<"$(missing_packages | tr '\n' ' ')"
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} with apt-get" >&2
-  as_root apt-get update -qq
+  as_root apt-get -o DPkg::Lock::Timeout=600 update -qq
   # Postfix is installed for its smtp-sink/smtp-source tools only; no daemon is started.
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
     "${missing[@]}" >&2
+  still=$(missing_packages | tr '\n' ' ')
+  if [ -n "${still// /}" ]; then
+    echo "setup: installed, yet still missing a capability; packages: $still" >&2
+    "$0" --check >&2 || true
+    exit 1
+  fi
 fi
 
 key=$( (python3 --version; cat pyproject.toml) | sha256sum | cut -c1-12)

@@ -199,6 +199,18 @@ _OPERATOR_FIELDS: Schema = {
 _CREDENTIALS_SECRET = _secret_name(
     "A Secret in this namespace with keys username and password for AUTH at the gateway."
 )
+_CA_SECRET = _secret_name(
+    "A Secret in this namespace whose key ca.crt is the PEM CA bundle the gateway's "
+    "certificate must chain to under tls verify; unset: the system CAs."
+)
+_ROUTE_CA_SECRET = _secret_name(
+    "A Secret in this namespace whose key ca.crt is the PEM CA bundle for tls verify on "
+    "this route; unset: the system CAs."
+)
+_ROUTE_CREDENTIALS_SECRET = _secret_name(
+    "A Secret in this namespace with keys username and password for AUTH at this route's "
+    "hosts (tls defaults to verify)."
+)
 
 _STATUS: Schema = {
     "description": "What the operator observed.",
@@ -272,13 +284,39 @@ _STATUS: Schema = {
 }
 
 
+_AUTH_CHANNEL_RULE = (
+    "!has(self.credentialsSecret) || !has(self.tls) || self.tls == 'verify'"
+    " || self.tls == 'encrypt'"
+)
+
+
+def _route_rules() -> list[Schema]:
+    return [
+        _rule(
+            "has(self.via) != (has(self.direct) && self.direct)",
+            "a route needs exactly one of via (a list of hosts) or direct: true",
+        ),
+        _rule(
+            "!has(self.credentialsSecret) || has(self.via)",
+            "credentialsSecret needs via; direct delivery does not authenticate",
+            ".credentialsSecret",
+        ),
+        _rule(
+            _AUTH_CHANNEL_RULE,
+            "route tls none or may would send the credentialsSecret password unverified; "
+            "use verify (or encrypt)",
+            ".tls",
+        ),
+    ]
+
+
 def _cross_field_rules() -> tuple[list[Schema], list[Schema], list[Schema]]:
     """CEL for the rules the relay's model checks across fields: (spec, gateway, logging)."""
     tries = Delivery.model_fields["tries"].default
     before = Gateway.model_fields["tries_before_gateway"].default
     spec_rules = [
         _rule(
-            "!has(self.gateway) || !has(self.gateway.host)"
+            "!has(self.gateway) || !(has(self.gateway.host) || has(self.gateway.hosts))"
             " || (has(self.gateway.sendAll) && self.gateway.sendAll)"
             f" || (has(self.gateway.triesBeforeGateway) ? self.gateway.triesBeforeGateway"
             f" : {before})"
@@ -290,16 +328,27 @@ def _cross_field_rules() -> tuple[list[Schema], list[Schema], list[Schema]]:
     ]
     gateway_rules = [
         _rule(
-            "!has(self.sendAll) || !self.sendAll || has(self.host)",
+            "!has(self.sendAll) || !self.sendAll || has(self.host) || has(self.hosts)",
             "gateway.sendAll requires gateway.host",
             ".host",
             "FieldValueRequired",
         ),
         _rule(
-            "!has(self.triesBeforeGateway) || has(self.host)",
+            "!has(self.triesBeforeGateway) || has(self.host) || has(self.hosts)",
             "gateway.triesBeforeGateway requires gateway.host",
             ".host",
             "FieldValueRequired",
+        ),
+        _rule(
+            "!(has(self.host) && has(self.hosts))",
+            "gateway.host and gateway.hosts are both set; use one of them",
+            ".hosts",
+        ),
+        _rule(
+            _AUTH_CHANNEL_RULE,
+            "gateway.tls none or may would send the credentialsSecret password unverified; "
+            "use verify (or encrypt)",
+            ".tls",
         ),
     ]
     logging_rules = [
@@ -318,7 +367,18 @@ def spec_schema() -> Schema:
     defaults = MailSettings().model_dump(mode="json", by_alias=True)
     mail = structural(MailSettings.model_json_schema(by_alias=True), defaults=defaults)
     spec = without(mail, "gateway", "credentialsFile")
+    spec = without(spec, "gateway", "caFile")
     properties = spec["properties"]
+    # File paths of the relay become Secret references, mounted read-only by render.py.
+    route = properties["routes"]["items"]
+    for name in ("caFile", "credentialsFile"):
+        del route["properties"][name]
+    route["properties"]["caSecret"] = _ROUTE_CA_SECRET
+    route["properties"]["credentialsSecret"] = _ROUTE_CREDENTIALS_SECRET
+    route["description"] = "A rule: mail for these domains (and senders) goes this way."
+    route["x-kubernetes-validations"] = _route_rules()
+    properties["routes"]["items"] = ordered(route)
+    properties["gateway"]["properties"]["caSecret"] = _CA_SECRET
     # The relay applies this default itself: a CRD default would make `has()` always true
     # and `triesBeforeGateway requires gateway.host` could never be satisfied without a host.
     del properties["gateway"]["properties"]["triesBeforeGateway"]["default"]

@@ -32,6 +32,9 @@ SECRETS_DIR = "/var/run/secrets/smtprelay"
 TLS_DIR = f"{SECRETS_DIR}/tls"
 AUTH_DIR = f"{SECRETS_DIR}/auth"
 GATEWAY_DIR = f"{SECRETS_DIR}/gateway"
+GATEWAY_CA_DIR = f"{SECRETS_DIR}/gateway-ca"
+ROUTES_DIR = f"{SECRETS_DIR}/routes"
+CA_KEY = "ca.crt"
 AUTH_USERS_KEY = "users.yaml"
 SMTP_PORT = 2525
 METRICS_PORT = 9090
@@ -121,6 +124,13 @@ def relay_config(*, name: str, namespace: str, spec: Mapping[str, Any]) -> dict[
         if secret is not None:
             # The Secret is mounted as a directory; the relay reads its username/password files.
             gateway["credentialsFile"] = GATEWAY_DIR
+        if gateway.pop("caSecret", None) is not None:
+            gateway["caFile"] = f"{GATEWAY_CA_DIR}/{CA_KEY}"
+    for index, route in enumerate(document.get("routes") or []):
+        if route.pop("credentialsSecret", None) is not None:
+            route["credentialsFile"] = f"{ROUTES_DIR}/{index}/credentials"
+        if route.pop("caSecret", None) is not None:
+            route["caFile"] = f"{ROUTES_DIR}/{index}/ca/{CA_KEY}"
     document["listen"] = f"0.0.0.0:{SMTP_PORT}"
     document["spoolDir"] = SPOOL_DIR
     document["metricsListen"] = f"0.0.0.0:{METRICS_PORT}"
@@ -152,8 +162,19 @@ def _canonical(model: type[BaseModel], data: Mapping[str, Any]) -> dict[str, Any
             continue
         nested = _nested_model(field.annotation)
         value = data[key]
-        out[key] = _canonical(nested, value) if nested and isinstance(value, Mapping) else value
+        if nested and isinstance(value, Mapping):
+            value = _canonical(nested, value)
+        elif (item := _list_item_model(field.annotation)) and isinstance(value, list):
+            value = [_canonical(item, v) if isinstance(v, Mapping) else v for v in value]
+        out[key] = value
     return out
+
+
+def _list_item_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a ``list[Model]`` field (``routes``), else None."""
+    if typing.get_origin(annotation) is list:
+        return _nested_model(typing.get_args(annotation)[0])
+    return None
 
 
 def relay_yaml(document: Mapping[str, Any]) -> str:
@@ -272,11 +293,21 @@ def _volumes(name: str, spec: Mapping[str, Any]) -> tuple[list[Object], list[Obj
         {"name": "spool", "mountPath": SPOOL_DIR},
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - an emptyDir, not the host's /tmp
     ]
-    secrets = (
+    secrets = [
         ("tls", spec.get("tls", {}).get("secretName"), TLS_DIR),
         ("auth", spec.get("auth", {}).get("secretName"), AUTH_DIR),
         ("gateway-credentials", spec.get("gateway", {}).get("credentialsSecret"), GATEWAY_DIR),
-    )
+        ("gateway-ca", spec.get("gateway", {}).get("caSecret"), GATEWAY_CA_DIR),
+    ]
+    for index, route in enumerate(spec.get("routes") or []):
+        secrets.append(
+            (
+                f"route-{index}-credentials",
+                route.get("credentialsSecret"),
+                f"{ROUTES_DIR}/{index}/credentials",
+            )
+        )
+        secrets.append((f"route-{index}-ca", route.get("caSecret"), f"{ROUTES_DIR}/{index}/ca"))
     for volume, secret, path in secrets:
         if secret is None:
             continue

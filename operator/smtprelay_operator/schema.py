@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from smtprelay.config import DURATION_PATTERN, QUANTITY_PATTERN
+from smtprelay.config import DURATION_PATTERN, OPTIONAL_DURATION_PATTERN, QUANTITY_PATTERN
 
 Schema = dict[str, Any]
 
@@ -73,7 +73,11 @@ def _collapse_optional(node: Schema) -> Schema:
 def _default_for(node: Schema, value: Any) -> Any:
     if value is None or value == []:
         return None  # unset is the default; an empty list would only be noise
-    if node.get("pattern") == DURATION_PATTERN and isinstance(value, int | float):
+    if node.get("pattern") == OPTIONAL_DURATION_PATTERN and value == 0:
+        return "0"
+    if node.get("pattern") in (DURATION_PATTERN, OPTIONAL_DURATION_PATTERN) and isinstance(
+        value, int | float
+    ):
         return format_duration(float(value))
     if node.get("pattern") == QUANTITY_PATTERN and isinstance(value, int):
         return format_quantity(value)

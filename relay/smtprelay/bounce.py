@@ -34,6 +34,11 @@ class Failure:
     status: str  # RFC 3463 enhanced status code, e.g. 5.1.1
     diagnostic: str  # the remote reply or our own reason
     remote_mta: str = ""
+    action: str = "failed"  # or "delayed": still queued, still being retried
+
+
+def _delayed(failures: list[Failure]) -> bool:
+    return all(failure.action == "delayed" for failure in failures)
 
 
 def original_headers(data: bytes) -> bytes:
@@ -46,12 +51,14 @@ def original_headers(data: bytes) -> bytes:
 
 
 def _text_part(failures: list[Failure], hostname: str) -> str:
-    lines = [
-        f"This is the mail relay at {hostname}.",
-        "",
-        "Your message could not be delivered to the following recipients:",
-        "",
-    ]
+    if _delayed(failures):
+        intro = [
+            "Your message has not been delivered yet to the following recipients.",
+            "The relay keeps trying; you will hear again only if it gives up.",
+        ]
+    else:
+        intro = ["Your message could not be delivered to the following recipients:"]
+    lines = [f"This is the mail relay at {hostname}.", "", *intro, ""]
     lines += [f"  <{one_line(f.recipient)}>: {one_line(f.diagnostic)}" for f in failures]
     lines += ["", "The headers of your message are attached."]
     return "\n".join(lines) + "\n"
@@ -69,7 +76,7 @@ def _status_part(
     for failure in failures:
         block = Message()
         block["Final-Recipient"] = f"rfc822; {one_line(failure.recipient)}"
-        block["Action"] = "failed"
+        block["Action"] = failure.action
         block["Status"] = failure.status
         if failure.remote_mta:
             block["Remote-MTA"] = f"dns; {one_line(failure.remote_mta)}"
@@ -92,7 +99,11 @@ def build_report(
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
     report["To"] = one_line(sender)
-    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Subject"] = (
+        "Delayed Mail (still being retried)"
+        if _delayed(failures)
+        else "Undelivered Mail Returned to Sender"
+    )
     report["Date"] = email.utils.formatdate(now)
     report["Message-ID"] = email.utils.make_msgid(idstring=queue_id, domain=hostname)
     report["Auto-Submitted"] = "auto-replied"

@@ -24,8 +24,10 @@ from pydantic import (
 )
 
 DURATION_PATTERN = r"^([0-9]+(ms|s|m|h))+$"
+OPTIONAL_DURATION_PATTERN = rf"^0$|{DURATION_PATTERN}"
 QUANTITY_PATTERN = r"^[0-9]+(Ki|Mi|Gi|k|K|M|G)?$"
 HOSTPORT_PATTERN = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?)(:[0-9]{1,5})?$"
+DOMAIN_PATTERN = r"^\.?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$"
 IP_OR_IPPORT_PATTERN = r"^(\[[0-9a-fA-F:.]+\](:[0-9]{1,5})?|[0-9a-fA-F:.]+)$"
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -84,6 +86,13 @@ def split_hostport(value: str, default_port: int) -> tuple[str, int]:
     return host, int(port_text) if sep else default_port
 
 
+def parse_optional_duration(value: object) -> float:
+    """A duration, or 0 / ``"0"`` for off."""
+    if value in (0, "0", 0.0) and not isinstance(value, bool):
+        return 0.0
+    return parse_duration(value)
+
+
 def _check_port(port: int) -> None:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range 1-65535")
@@ -119,6 +128,11 @@ Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN}),
+]
+OptionalDuration = Annotated[
+    float,
+    BeforeValidator(parse_optional_duration),
+    WithJsonSchema({"type": "string", "pattern": OPTIONAL_DURATION_PATTERN}),
 ]
 Quantity = Annotated[
     int,
@@ -158,8 +172,30 @@ DEFAULT_NETWORKS = [
 ]
 
 
+TLS_LEVELS = ("none", "may", "encrypt", "verify")
+TlsLevel = Annotated[
+    Literal["none", "may", "encrypt", "verify"],
+    # maxLength keeps CEL's cost estimate of rules comparing it small.
+    WithJsonSchema({"type": "string", "enum": list(TLS_LEVELS), "maxLength": 7}),
+]
+TLS_LEVELS_TEXT = (
+    "none: plaintext; may: STARTTLS when offered, unverified, plaintext after a failed "
+    "handshake; encrypt: TLS required, unverified; verify: TLS required, certificate chain "
+    "and host name checked (SNI sent)."
+)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _check_secret_channel(where: str, tls: TlsLevel | None, credentials: Path | None) -> None:
+    """AUTH goes only over a verified channel, or an encrypted one the user chose knowingly."""
+    if credentials is not None and tls in ("none", "may"):
+        raise ValueError(
+            f"{where}.tls {tls} would send the credentialsFile password over an unverified "
+            "or plaintext channel; use verify (or encrypt to skip certificate checks)"
+        )
 
 
 class Delivery(_Model):
@@ -178,26 +214,60 @@ class Delivery(_Model):
         "(90s, 30m, 1h).",
     )
     port: Port = Field(25, description="TCP port for direct (MX) delivery.")
+    delay_warning: OptionalDuration = Field(
+        0.0,
+        alias="delayWarning",
+        description="After this long in the queue the sender is told once that the message "
+        "is still being retried (RFC 3464 Action: delayed); 0: never.",
+    )
+    tls: TlsLevel = Field(
+        "may",
+        description="TLS policy for direct (MX) delivery (RFC 7435 levels). " + TLS_LEVELS_TEXT,
+    )
     concurrency: int = Field(20, ge=1, le=1000, description="Delivery attempts in flight at once.")
 
 
 class Gateway(_Model):
-    """A remote mail gateway, as fallback or for all mail."""
+    """A remote mail gateway (or an ordered list of them), as fallback or for all mail."""
 
     host: HostPort | None = Field(
-        None, description="Remote Mail Gateway Host: host or host:port (port 25 by default)."
+        None,
+        description="Remote Mail Gateway Host: host or host:port (port 25 by default); "
+        "the same as a one-entry hosts.",
+    )
+    hosts: list[HostPort] | None = Field(
+        None,
+        min_length=1,
+        description="Gateways in order of preference (host or host:port each); within one "
+        "attempt the next is tried when one is unreachable or answers 4xx. Not with host.",
     )
     send_all: bool = Field(
         False,
         alias="sendAll",
-        description="Send all remote mail through the gateway; requires host.",
+        description="Send all remote mail through the gateway; requires host or hosts.",
     )
     tries_before_gateway: int = Field(
         3,
         ge=0,
         alias="triesBeforeGateway",
-        description="Direct attempts before the gateway takes over; requires host and must be "
-        "less than delivery.tries.",
+        description="Direct attempts before the gateway takes over; requires host or hosts "
+        "and must be less than delivery.tries.",
+    )
+    tls: TlsLevel | None = Field(
+        None,
+        description="TLS policy at the gateway; unset: verify when credentials are set, "
+        "else may. " + TLS_LEVELS_TEXT,
+    )
+    implicit_tls: bool = Field(
+        False,
+        alias="implicitTls",
+        description="TLS from the first byte (port 465, RFC 8314) instead of STARTTLS.",
+    )
+    ca_file: Path | None = Field(
+        None,
+        alias="caFile",
+        description="PEM CA bundle the gateway's certificate must chain to under verify; "
+        "unset: the system CAs.",
     )
     credentials_file: Path | None = Field(
         None,
@@ -205,15 +275,31 @@ class Gateway(_Model):
         description="File with 'username' and 'password' lines (YAML) for AUTH at the gateway.",
     )
 
+    @property
+    def targets(self) -> list[str]:
+        """The gateways in order: ``hosts``, or ``host`` as a list of one."""
+        if self.hosts is not None:
+            return list(self.hosts)
+        return [self.host] if self.host is not None else []
+
+    @property
+    def tls_level(self) -> TlsLevel:
+        if self.tls is not None:
+            return self.tls
+        return "verify" if self.credentials_file is not None else "may"
+
     @model_validator(mode="after")
     def _needs_host(self) -> Gateway:
-        if self.host is None:
+        if self.host is not None and self.hosts is not None:
+            raise ValueError("gateway.host and gateway.hosts are both set; use one of them")
+        if not self.targets:
             for name, field in (
                 ("sendAll", "send_all"),
                 ("triesBeforeGateway", "tries_before_gateway"),
             ):
                 if field in self.model_fields_set and (field != "send_all" or self.send_all):
                     raise ValueError(f"{name} requires gateway.host")
+        _check_secret_channel("gateway", self.tls, self.credentials_file)
         return self
 
 
@@ -247,6 +333,60 @@ class Limits(_Model):
         description="Time allowed for the whole message after DATA's 354; a slow sender "
         "cannot stretch it.",
     )
+
+
+class Route(_Model):
+    """One rule of ``routes``: mail for these domains (and senders) goes this way."""
+
+    domains: list[Annotated[str, Field(pattern=DOMAIN_PATTERN)]] = Field(
+        min_length=1,
+        description="Recipient domains; a leading dot (.example.org) also matches every subdomain.",
+    )
+    senders: list[Annotated[str, Field(pattern=DOMAIN_PATTERN)]] | None = Field(
+        None,
+        min_length=1,
+        description="Only mail from these sender domains (leading dot: subdomains too); "
+        "unset: any sender.",
+    )
+    via: list[HostPort] | None = Field(
+        None,
+        min_length=1,
+        description="Hosts (host or host:port, port 25) tried in order like gateway.hosts.",
+    )
+    direct: bool = Field(False, description="Deliver directly (MX) instead of via hosts.")
+    tls: TlsLevel | None = Field(
+        None,
+        description="TLS policy for this route; unset: verify with credentials, else may "
+        "(via), delivery.tls (direct).",
+    )
+    implicit_tls: bool = Field(
+        False, alias="implicitTls", description="TLS from the first byte (port 465)."
+    )
+    ca_file: Path | None = Field(
+        None, alias="caFile", description="PEM CA bundle for verify; unset: the system CAs."
+    )
+    credentials_file: Path | None = Field(
+        None,
+        alias="credentialsFile",
+        description="File with 'username' and 'password' (YAML, or a directory of two files) "
+        "for AUTH at the route's hosts.",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Route:
+        if (self.via is None) == (not self.direct):
+            raise ValueError("a route needs exactly one of via (a list of hosts) or direct: true")
+        if self.direct and self.credentials_file is not None:
+            raise ValueError("credentialsFile needs via; direct delivery does not authenticate")
+        _check_secret_channel("route", self.tls, self.credentials_file)
+        return self
+
+    @property
+    def tls_level(self) -> TlsLevel | None:
+        """The explicit or credential-implied level; None: the default of its kind."""
+        if self.tls is not None:
+            return self.tls
+        return "verify" if self.credentials_file is not None else None
 
 
 class Logging(_Model):
@@ -326,6 +466,12 @@ class MailSettings(_Model):
     )
     delivery: Delivery = Field(default_factory=Delivery)
     gateway: Gateway = Field(default_factory=Gateway)
+    routes: list[Route] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Rules tried in order before the default direct/gateway choice; the "
+        "first whose domains (and senders) match a recipient decides its way.",
+    )
     logging: Logging = Field(default_factory=Logging)
     limits: Limits = Field(default_factory=Limits)
     workers: int = Field(
@@ -340,7 +486,7 @@ class MailSettings(_Model):
     def _gateway_before_tries(self) -> MailSettings:
         gateway = self.gateway
         if (
-            gateway.host is not None
+            gateway.targets
             and not gateway.send_all
             and gateway.tries_before_gateway >= self.delivery.tries
         ):

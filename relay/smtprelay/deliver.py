@@ -1,23 +1,30 @@
 """The SMTP client: one connection per destination carries all of its recipients.
 
 Replies are classified per recipient (RFC 5321 §4.2.1): 2xx delivered, 4xx and connection
-failures deferred, 5xx failed. STARTTLS is used whenever the peer offers it (opportunistic,
-unverified, as for MX delivery in general; a failed handshake is retried in plaintext within
-the attempt, RFC 7435); it is required before AUTH at a gateway, so a
-gateway that does not offer it defers the mail rather than receive the password in clear.
+failures deferred, 5xx failed. TLS follows the destination's policy (RFC 7435 levels, as
+Postfix's ``smtp_tls_security_level``): ``none``; ``may`` (STARTTLS when offered,
+unverified, and plaintext again on a fresh connection after a failed handshake); ``encrypt``
+(TLS required, unverified); ``verify`` (TLS required, chain and host name checked, SNI sent).
+The relay connects to the address it resolved itself but hands the TLS layer the host
+*name*, so SNI and the name check see what the user configured. Credentials go only over a
+verified channel, or an encrypted one under an explicit ``encrypt``; never in plaintext.
 With ``logging.debug`` the client writes a transcript (see :mod:`smtprelay.transcript`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
 
+from smtprelay.config import TlsLevel
 from smtprelay.spool import MessageFile
 from smtprelay.transcript import TranscribingSMTP
 
@@ -31,13 +38,35 @@ class Result:
     outcome: Outcome
     code: int
     text: str
-    host: str = ""
+    host: str = ""  # the address the relay talked to
+    tls: str = ""  # "verified", "encrypted" or "" (plaintext) for the connection used
+    name: str = ""  # that host's name (MX, gateway), as a certificate would carry it
 
 
 @dataclass(frozen=True)
 class Credentials:
     username: str
     password: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """One host to try: ``name`` is what its certificate must carry (and SNI), ``address``
+    where the relay connects."""
+
+    name: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How to talk to a destination: its TLS level and what authenticates the relay."""
+
+    tls: TlsLevel = "may"
+    implicit_tls: bool = False
+    ca_file: Path | None = None
+    credentials: Credentials | None = None
 
 
 def classify(code: int) -> Outcome:
@@ -58,77 +87,152 @@ def _unverified_context() -> ssl.SSLContext:
     return context
 
 
+@functools.lru_cache(maxsize=16)
+def _verifying_context(ca_file: str | None, _stamp: float) -> ssl.SSLContext:
+    """Chain and host name checked; keyed by the bundle's mtime so a renewed CA Secret is
+    picked up without a restart."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def tls_context(level: TlsLevel, ca_file: Path | None) -> ssl.SSLContext:
+    if level != "verify":
+        return _unverified_context()
+    stamp = ca_file.stat().st_mtime if ca_file is not None else 0.0
+    return _verifying_context(str(ca_file) if ca_file is not None else None, stamp)
+
+
 Transcript = Callable[[str, str], None]
 
 
-class _TlsFailed(Exception):
-    """The STARTTLS handshake (or the command) failed after the peer offered it."""
+class _Deferred(Exception):
+    """The destination cannot be used on this connection: defer with ``reason``."""
+
+    def __init__(self, code: int, reason: str, *, handshake: bool = False) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.handshake = handshake  # the TLS handshake itself failed
 
 
-async def _secure(client: aiosmtplib.SMTP, *, required: bool, wanted: bool) -> None:
-    """STARTTLS when the peer offers it (``wanted``), or always (``required``)."""
+async def _connect(target: Target, timeout: float) -> socket.socket:
+    """A TCP connection to the resolved address; TLS and SMTP go over it by name."""
+    family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(
+            asyncio.get_running_loop().sock_connect(sock, (target.address, target.port)),
+            timeout,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _secure(client: TranscribingSMTP, target: Target, policy: Policy, level: TlsLevel) -> str:
+    """STARTTLS as ``level`` asks; returns "verified", "encrypted" or "" (plaintext)."""
+    if policy.implicit_tls:
+        return "verified" if level == "verify" else "encrypted"
+    if level == "none":
+        return ""
     await client.ehlo()
-    if required or (wanted and client.supports_extension("starttls")):
+    if not client.supports_extension("starttls"):
+        if level in ("encrypt", "verify"):
+            raise _Deferred(
+                451, f"4.7.5 {target.name} does not offer STARTTLS, which tls: {level} requires"
+            )
+        return ""
+    try:
+        await client.starttls(
+            server_hostname=target.name, tls_context=tls_context(level, policy.ca_file)
+        )
+    except (ssl.SSLError, ssl.CertificateError, aiosmtplib.SMTPException, OSError) as error:
+        raise _Deferred(
+            451, f"4.7.5 TLS with {target.name} failed: {error}", handshake=True
+        ) from None
+    await client.ehlo()
+    return "verified" if level == "verify" else "encrypted"
+
+
+async def _transaction(
+    client: TranscribingSMTP,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: MessageFile,
+    template: Result,
+) -> dict[str, Result]:
+    """MAIL, RCPT per recipient, DATA for those accepted; a result per recipient."""
+
+    def result(outcome: Outcome, code: int, text: str) -> Result:
+        return replace(template, outcome=outcome, code=code, text=text)
+
+    await client.mail(sender)
+    results: dict[str, Result] = {}
+    accepted: list[str] = []
+    for recipient in recipients:
         try:
-            await client.starttls()
-        except (aiosmtplib.SMTPException, OSError) as error:
-            where = f"{client.hostname}:{client.port}"
-            raise _TlsFailed(f"{where}: STARTTLS failed: {error}") from error
+            reply = await client.rcpt(recipient)
+        except aiosmtplib.SMTPRecipientRefused as error:
+            results[recipient] = result(classify(error.code), error.code, error.message)
+        except ValueError as error:  # a spooled address aiosmtplib will not send
+            results[recipient] = result("failed", 553, f"5.1.3 {error}")
+        else:
+            accepted.append(recipient)
+            results[recipient] = result("delivered", reply.code, reply.message)
+    if accepted:
+        try:
+            reply = await client.send_file(data, timeout=client.timeout)
+        except aiosmtplib.SMTPResponseException as error:
+            for recipient in accepted:
+                results[recipient] = result(classify(error.code), error.code, error.message)
+        else:
+            for recipient in accepted:
+                results[recipient] = result("delivered", reply.code, reply.message)
+    return results
 
 
 async def _deliver_once(
     *,
-    address: str,
-    port: int,
+    target: Target,
+    policy: Policy,
+    level: TlsLevel,
     helo: str,
     sender: str,
     recipients: tuple[str, ...],
     data: MessageFile,
-    credentials: Credentials | None,
     timeout: float,
-    tls: bool,
 ) -> dict[str, Result]:
+    sock = await _connect(target, timeout)
     client = TranscribingSMTP(
-        hostname=address,
-        port=port,
+        hostname=target.name,
+        sock=sock,
+        peer=f"{target.address}:{target.port}",
         local_hostname=helo,
         timeout=timeout,
+        use_tls=policy.implicit_tls,
         start_tls=False,
-        validate_certs=False,
-        tls_context=_unverified_context(),
+        tls_context=tls_context(level, policy.ca_file) if policy.implicit_tls else None,
     )
-    await client.connect()
     try:
-        await _secure(client, required=credentials is not None, wanted=tls)
-        if credentials is not None:
-            await client.login(credentials.username, credentials.password)
-        await client.mail(sender)
-        results: dict[str, Result] = {}
-        accepted: list[str] = []
-        for recipient in recipients:
-            try:
-                reply = await client.rcpt(recipient)
-            except aiosmtplib.SMTPRecipientRefused as error:
-                results[recipient] = Result(
-                    classify(error.code), error.code, error.message, address
-                )
-            except ValueError as error:  # a spooled address aiosmtplib will not send
-                results[recipient] = Result("failed", 553, f"5.1.3 {error}", address)
-            else:
-                accepted.append(recipient)
-                results[recipient] = Result("delivered", reply.code, reply.message, address)
-        if accepted:
-            try:
-                reply = await client.send_file(data, timeout=timeout)
-            except aiosmtplib.SMTPResponseException as error:
-                for recipient in accepted:
-                    results[recipient] = Result(
-                        classify(error.code), error.code, error.message, address
-                    )
-            else:
-                for recipient in accepted:
-                    results[recipient] = Result("delivered", reply.code, reply.message, address)
-        return results
+        await client.connect()
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        channel = await _secure(client, target, policy, level)
+        if policy.credentials is not None:
+            # The config refuses credentials with none/may; this is the last line of defence.
+            if channel == "" or level not in ("verify", "encrypt"):
+                raise _Deferred(451, f"4.7.0 credentials for {target.name} need TLS")
+            await client.login(policy.credentials.username, policy.credentials.password)
+        return await _transaction(
+            client,
+            sender,
+            recipients,
+            data,
+            Result("delivered", 0, "", target.address, channel, target.name),
+        )
     finally:
         try:
             await client.quit()
@@ -136,54 +240,88 @@ async def _deliver_once(
             client.close()
 
 
-async def deliver(
+async def _try_target(
     *,
-    addresses: tuple[str, ...],
-    port: int,
+    target: Target,
+    policy: Policy,
     helo: str,
     sender: str,
     recipients: tuple[str, ...],
     data: MessageFile,
-    credentials: Credentials | None = None,
-    timeout: float = 60.0,
+    timeout: float,
 ) -> dict[str, Result]:
-    """Deliver to the first address that takes the transaction; try the next on failure.
+    """One host; under ``may`` a failed handshake is followed by plaintext on a fresh
+    connection in the same attempt (as Postfix does), since unverified TLS protects only
+    against passive listeners and the mail must not wait for a broken TLS stack."""
+    level: TlsLevel = policy.tls
 
-    A connection failure, a refusing greeting or a 4xx to MAIL FROM moves on to the next
-    address (RFC 5321 §5.1); a 5xx to MAIL FROM fails every recipient.
-    """
-    last = Result("deferred", 451, "no address to deliver to")
-    for address in addresses:
-        once = functools.partial(
-            _deliver_once,
-            address=address,
-            port=port,
-            helo=helo,
-            sender=sender,
-            recipients=recipients,
-            data=data,
-            credentials=credentials,
-            timeout=timeout,
+    def failed(outcome: Outcome, code: int, text: str) -> dict[str, Result]:
+        return dict.fromkeys(
+            recipients, Result(outcome, code, text, target.address, "", target.name)
         )
+
+    while True:
         try:
-            try:
-                return await once(tls=True)
-            except _TlsFailed as error:
-                if credentials is not None:
-                    raise
-                # Opportunistic TLS (RFC 7435): a failed handshake is retried in plaintext.
-                last = Result("deferred", 451, str(error), address)
-                return await once(tls=False)
-        except _TlsFailed as error:
-            last = Result("deferred", 451, str(error), address)
+            return await _deliver_once(
+                target=target,
+                policy=policy,
+                level=level,
+                helo=helo,
+                sender=sender,
+                recipients=recipients,
+                data=data,
+                timeout=timeout,
+            )
+        except _Deferred as refused:
+            if refused.handshake and level == "may" and policy.credentials is None:
+                level = "none"
+                continue
+            return failed("deferred", refused.code, refused.reason)
         except aiosmtplib.SMTPSenderRefused as error:
-            last = Result(classify(error.code), error.code, error.message, address)
-            if last.outcome == "failed":
-                break
+            return failed(classify(error.code), error.code, error.message)
         except aiosmtplib.SMTPResponseException as error:
             # A refusing greeting or AUTH is the destination's (or our config's) problem to
             # fix, not a verdict on the message: defer.
-            last = Result("deferred", error.code, error.message, address)
+            return failed("deferred", error.code, error.message)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
-            last = Result("deferred", 451, f"{address}:{port}: {error}", address)
-    return dict.fromkeys(recipients, last)
+            reason = (
+                f"{target.name or target.address}:{target.port}: {error or type(error).__name__}"
+            )
+            return failed("deferred", 451, reason)
+
+
+async def deliver(
+    *,
+    targets: tuple[Target, ...],
+    policy: Policy,
+    helo: str,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: MessageFile,
+    timeout: float = 60.0,
+) -> dict[str, Result]:
+    """Try ``targets`` in order within this one attempt, each with what is still deferred.
+
+    A connection failure, a TLS failure under encrypt/verify, a refusing greeting or a 4xx
+    moves the deferred recipients on to the next host (RFC 5321 §5.1; Postfix's relayhost
+    list); delivered and failed ones are settled. A 5xx to MAIL FROM fails every recipient.
+    """
+    results: dict[str, Result] = dict.fromkeys(
+        recipients, Result("deferred", 451, "4.4.0 no address to deliver to")
+    )
+    pending = recipients
+    for target in targets:
+        outcome = await _try_target(
+            target=target,
+            policy=policy,
+            helo=helo,
+            sender=sender,
+            recipients=pending,
+            data=data,
+            timeout=timeout,
+        )
+        results.update(outcome)
+        pending = tuple(r for r in pending if results[r].outcome == "deferred")
+        if not pending:
+            break
+    return results

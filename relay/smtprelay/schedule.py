@@ -13,16 +13,17 @@ import contextlib
 import functools
 import heapq
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 
 from smtprelay import bounce
-from smtprelay.config import MailSettings
-from smtprelay.deliver import Credentials, Result, deliver
+from smtprelay.config import MailSettings, split_hostport
+from smtprelay.deliver import Credentials, Policy, Result, Target, deliver
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
-from smtprelay.spool import Busy, Envelope, MessageFile, Spool
+from smtprelay.spool import Busy, Envelope, MessageFile, QueueState, Spool
 
 
 class Scheduler:
@@ -35,14 +36,14 @@ class Scheduler:
         settings: MailSettings,
         hostname: str,
         resolver: MxResolver,
-        credentials: Credentials | None = None,
+        credentials: Mapping[Path, Credentials] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._spool = spool
         self._settings = settings
         self._hostname = hostname
         self._resolver = resolver
-        self._credentials = credentials
+        self._credentials = dict(credentials or {})  # by credentialsFile path
         self._clock = clock
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}
@@ -175,7 +176,7 @@ class Scheduler:
         state = self._spool.load_state(queue_id)
         attempt = state.attempts + 1
         pending = state.pending(envelope)
-        groups = group_by_route(self._settings, pending, attempt)
+        groups = group_by_route(self._settings, pending, attempt, envelope.sender)
         started = self._clock()
         outcomes = await asyncio.gather(
             *(
@@ -186,6 +187,7 @@ class Scheduler:
         last_try = attempt >= self._settings.delivery.tries
         delivered: set[str] = set()
         failures: list[bounce.Failure] = []
+        delayed: list[bounce.Failure] = []
         for route, results in zip(groups, outcomes, strict=True):
             for recipient, result in results.items():
                 outcome = result.outcome
@@ -196,22 +198,27 @@ class Scheduler:
                 if outcome == "delivered":
                     delivered.add(recipient)
                     METRICS.latency.observe(self._clock() - envelope.received)
-                elif outcome == "failed":
-                    failures.append(
+                else:
+                    (failures if outcome == "failed" else delayed).append(
                         bounce.Failure(
                             recipient=recipient,
                             status=bounce.status_for(result.code, result.text),
                             diagnostic=f"{result.code} {result.text}",
-                            remote_mta=result.host,
+                            remote_mta=result.name or result.host,
+                            action=outcome if outcome == "failed" else "delayed",
                         )
                     )
         if failures:
             await self._return_to_sender(envelope, data, failures)
+        warn = delayed and self._warning_due(envelope, state, started)
+        if warn:
+            await self._return_to_sender(envelope, data, delayed)
         new_state = replace(
             state,
             attempts=attempt,
             delivered=state.delivered | delivered,
             failed=state.failed | {f.recipient for f in failures},
+            warned=state.warned or bool(warn),
         )
         if not self._spool.contains(queue_id):
             return None
@@ -221,6 +228,33 @@ class Scheduler:
             return due
         await asyncio.to_thread(self._spool.remove, queue_id)
         return None
+
+    async def _targets(self, route: Route) -> tuple[Target, ...] | ResolveFailure:
+        """The hosts of a route in order, each expanded to its addresses. A relay host's
+        name goes through the resolver's search list (``smarthost.mail``); one that does not
+        resolve is skipped, so a dead first gateway does not block the second."""
+        if route.kind == "direct":
+            resolved = await self._resolver.resolve(route.name)
+            if isinstance(resolved, ResolveFailure):
+                return resolved
+            return tuple(
+                Target(name=name or address, address=address, port=route.port)
+                for name, address in resolved.targets()
+            )
+        targets: list[Target] = []
+        failures: list[ResolveFailure] = []
+        for spec in route.hosts:
+            host, port = split_hostport(spec, 25)
+            addresses = await self._resolver.addresses(host, search=True)
+            if isinstance(addresses, ResolveFailure):
+                failures.append(addresses)
+                continue
+            targets.extend(Target(name=host, address=a, port=port) for a in addresses)
+        if targets or not failures:
+            return tuple(targets)
+        # A relay host that does not resolve is our configuration's fault, not the
+        # recipient's: defer, never bounce.
+        return ResolveFailure(False, "4" + failures[0].status[1:], failures[0].reason)
 
     async def _attempt_route(
         self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: MessageFile
@@ -241,33 +275,40 @@ class Scheduler:
     async def _try_route(
         self, route: Route, recipients: tuple[str, ...], envelope: Envelope, data: MessageFile
     ) -> dict[str, Result]:
-        credentials = None
-        if route.kind == "gateway":
-            addresses = await self._resolver.addresses(route.name)
-            credentials = self._credentials
-        else:
-            resolved = await self._resolver.resolve(route.name)
-            addresses = resolved if isinstance(resolved, ResolveFailure) else resolved.addresses
-        if isinstance(addresses, ResolveFailure):
-            # A gateway that does not resolve is our configuration's fault, not the
-            # recipient's: defer, never bounce.
-            permanent = addresses.permanent and route.kind == "direct"
-            status = addresses.status if permanent else "4" + addresses.status[1:]
+        targets = await self._targets(route)
+        if isinstance(targets, ResolveFailure):
+            code = 550 if targets.permanent else 451
             result = Result(
-                "failed" if permanent else "deferred",
-                550 if permanent else 451,
-                f"{status} {addresses.reason}",
+                "failed" if targets.permanent else "deferred",
+                code,
+                f"{targets.status} {targets.reason}",
             )
             return dict.fromkeys(recipients, result)
+        credentials = None
+        if route.credentials_file is not None:
+            credentials = self._credentials.get(route.credentials_file)
+            if credentials is None:
+                reason = f"4.7.0 no credentials loaded from {route.credentials_file}"
+                return dict.fromkeys(recipients, Result("deferred", 451, reason))
+        policy = Policy(
+            tls=route.tls,
+            implicit_tls=route.implicit_tls,
+            ca_file=route.ca_file,
+            credentials=credentials,
+        )
         return await deliver(
-            addresses=addresses,
-            port=route.port,
+            targets=targets,
+            policy=policy,
             helo=self._hostname,
             sender=envelope.sender,
             recipients=recipients,
             data=data,
-            credentials=credentials,
         )
+
+    def _warning_due(self, envelope: Envelope, state: QueueState, now: float) -> bool:
+        """delivery.delayWarning: once per message, after it has waited that long."""
+        after = self._settings.delivery.delay_warning
+        return bool(after) and not state.warned and now - envelope.received >= after
 
     async def _return_to_sender(
         self, envelope: Envelope, data: MessageFile, failures: list[bounce.Failure]
@@ -292,9 +333,11 @@ class Scheduler:
         returned = await self._spool.enqueue(
             sender="", recipients=(envelope.sender,), data=report, client="bounce"
         )
-        METRICS.bounced.inc(len(failures))
+        delayed = failures[0].action == "delayed"
+        if not delayed:
+            METRICS.bounced.inc(len(failures))
         mail_log().info(
-            "bounced",
+            "delay_notice" if delayed else "bounced",
             queue_id=envelope.id,
             report_id=returned.id,
             sender=envelope.sender,
@@ -318,6 +361,8 @@ class Scheduler:
             route=route.kind,
             destination=route.name,
             host=result.host,
+            host_name=result.name,
+            tls=result.tls,
             attempt=attempt,
             reply=f"{result.code} {result.text}",
             outcome=outcome,

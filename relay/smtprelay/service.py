@@ -56,6 +56,26 @@ def load_credentials(path: Path | None) -> Credentials | None:
     return Credentials(username=str(data["username"]), password=str(data["password"]))
 
 
+def _all_credentials(config: RelayConfig) -> dict[Path, Credentials]:
+    """Every credentialsFile (the gateway's, each route's), read once at start."""
+    files = [("gateway.credentialsFile", config.gateway.credentials_file)]
+    files += [
+        (f"routes[{index}].credentialsFile", rule.credentials_file)
+        for index, rule in enumerate(config.routes)
+    ]
+    loaded: dict[Path, Credentials] = {}
+    for field, path in files:
+        if path is None or path in loaded:
+            continue
+        try:
+            credentials = load_credentials(path)
+        except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
+            raise StartError(f"{field}: cannot read username and password: {error}") from None
+        assert credentials is not None
+        loaded[path] = credentials
+    return loaded
+
+
 SESSIONS_FULL = "421 4.3.2 Too many sessions, try again later"
 CLIENT_FULL = "421 4.7.0 Too many sessions from your address, try again later"
 
@@ -279,12 +299,7 @@ async def _serve(
     log = system_log()
     tls = _tls(config)
     users = _users(config)
-    try:
-        credentials = load_credentials(config.gateway.credentials_file)
-    except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
-        raise StartError(
-            f"gateway.credentialsFile: cannot read username and password: {error}"
-        ) from None
+    credentials = _all_credentials(config)
 
     spool = Spool(config.spool_dir, shard=shard)
     if alone:

@@ -72,6 +72,7 @@ class QueueState:
     attempts: int = 0
     delivered: frozenset[str] = field(default_factory=frozenset)
     failed: frozenset[str] = field(default_factory=frozenset)
+    warned: bool = False  # the sender has had the delivery.delayWarning notice
 
     def pending(self, envelope: Envelope) -> tuple[str, ...]:
         settled = self.delivered | self.failed
@@ -224,6 +225,7 @@ def _encode_state(state: QueueState) -> bytes:
             "attempts": state.attempts,
             "delivered": sorted(state.delivered),
             "failed": sorted(state.failed),
+            "warned": state.warned,
         }
     ).encode()
 
@@ -234,6 +236,7 @@ def _decode_state(raw: bytes) -> QueueState:
         attempts=int(data["attempts"]),
         delivered=frozenset(data["delivered"]),
         failed=frozenset(data["failed"]),
+        warned=bool(data.get("warned", False)),  # absent in state files of older relays
     )
 
 

@@ -41,13 +41,14 @@ class TranscribingSMTP(aiosmtplib.SMTP):
     ``data`` and the greeting read by ``_create_connection`` (aiosmtplib 5.x).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, peer: str = "", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._challenged = False
+        self._peer_label = peer
 
     @property
     def _peer(self) -> str:
-        return f"{self.hostname}:{self.port}"
+        return self._peer_label or f"{self.hostname}:{self.port}"
 
     def _reply(self, response: SMTPResponse) -> None:
         self._challenged = response.code == 334

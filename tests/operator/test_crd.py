@@ -100,10 +100,16 @@ class TestStructuralSchema:
                     assert node.get("description"), path
 
     def test_relay_file_only_fields_are_left_out(self) -> None:
-        """gateway.credentialsFile is the relay's; the CRD has credentialsSecret instead."""
-        gateway = spec_schema()["properties"]["gateway"]["properties"]
-        assert "credentialsFile" not in gateway
-        assert "credentialsSecret" in gateway
+        """File paths are the relay's; the CRD has Secret references instead (gateway and
+        routes: credentialsSecret, caSecret)."""
+        properties = spec_schema()["properties"]
+        for fields in (
+            properties["gateway"]["properties"],
+            properties["routes"]["items"]["properties"],
+        ):
+            assert "credentialsFile" not in fields
+            assert "caFile" not in fields
+            assert {"credentialsSecret", "caSecret"} <= set(fields)
 
     def test_every_mail_setting_is_in_the_spec(self) -> None:
         """The spec carries every field of the relay's MailSettings model."""
@@ -126,6 +132,9 @@ class TestStructuralSchema:
             "gateway.triesBeforeGateway must be less than delivery.tries",
             "gateway.sendAll requires gateway.host",
             "gateway.triesBeforeGateway requires gateway.host",
+            "gateway.host and gateway.hosts are both set; use one of them",
+            "gateway.tls none or may would send the credentialsSecret password unverified; "
+            "use verify (or encrypt)",
             "logging.target syslog requires logging.syslogServer",
         ]
 

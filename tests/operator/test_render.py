@@ -220,6 +220,42 @@ class TestDeployment:
         assert mounts["auth"] == render.AUTH_DIR
         assert mounts["gateway-credentials"] == render.GATEWAY_DIR
 
+    def test_ca_and_route_secrets_become_read_only_mounts_and_paths(self) -> None:
+        """gateway.caSecret and each route's caSecret/credentialsSecret: mounted read-only,
+        and relay.yaml names the files there (ca.crt, the credentials directory)."""
+        spec = {
+            "gateway": {"hosts": ["gw1.example.com", "gw2.example.com"], "caSecret": "gw-ca"},
+            "routes": [
+                {"domains": ["a.example"], "direct": True},
+                {
+                    "domains": [".b.example"],
+                    "via": ["mx.b.example:465"],
+                    "implicitTls": True,
+                    "caSecret": "b-ca",
+                    "credentialsSecret": "b-login",
+                },
+            ],
+        }
+        rendered = make(spec)
+        document = relay_document(rendered)
+        assert document["gateway"]["caFile"] == f"{render.GATEWAY_CA_DIR}/ca.crt"
+        assert document["routes"][1]["caFile"] == f"{render.ROUTES_DIR}/1/ca/ca.crt"
+        assert document["routes"][1]["credentialsFile"] == f"{render.ROUTES_DIR}/1/credentials"
+        assert "caSecret" not in document["routes"][1]
+        config = parse_config(document)
+        assert config.routes[1].tls_level == "verify"
+        pod = pod_spec(rendered)
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        assert secrets == {
+            "gateway-ca": "gw-ca",
+            "route-1-ca": "b-ca",
+            "route-1-credentials": "b-login",
+        }
+        assert mounts["gateway-ca"]["mountPath"] == render.GATEWAY_CA_DIR
+        assert mounts["route-1-ca"]["mountPath"] == f"{render.ROUTES_DIR}/1/ca"
+        assert all(mounts[name]["readOnly"] for name in secrets)
+
     def test_pod_settings_from_the_spec(self) -> None:
         """image, resources, nodeSelector, tolerations and podAnnotations reach the pod."""
         rendered = make(FULL_SPEC)

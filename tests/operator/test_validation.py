@@ -106,6 +106,9 @@ class TestExplain:
         wait_for(explained, timeout=CONVERGE, what="the CRD's schema to be published")
         text = " ".join(found["text"].split())
         assert "Remote Mail Gateway Host: host or host:port" in text
-        assert "sendAll <boolean> Send all remote mail through the gateway; requires host." in text
+        assert (
+            "sendAll <boolean> Send all remote mail through the gateway; requires host or hosts."
+            in text
+        )
         assert "credentialsSecret <string>" in text
         assert "credentialsFile" not in text

@@ -129,3 +129,35 @@ class TestBounce:
         wait_for(lambda: relay.queued() == [], what="the spool to empty")
         assert sender_mx.messages == []
         assert relay.events("bounced") == []
+
+
+class TestDelayWarning:
+    def test_the_sender_is_told_once_that_mail_is_delayed(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """delayWarning 1s, a greylisting MX, attempts every second: one Action: delayed
+        report arrives after the first second, and no second one on later attempts."""
+        relay, sender_mx = _setup(
+            start_dns, start_sink, start_relay, smtp_port, queueTimer="1s", delayWarning="1s"
+        )
+        send(relay.port, "alice@sender.test", ["bob@busy.test"], subject="slow one")
+        [got] = sender_mx.wait_for_messages()
+        message, parts = _report(got)
+        assert message["Subject"] == "Delayed Mail (still being retried)"
+        status = parts[1].as_string()
+        assert "Action: delayed" in status
+        assert "Status: 4.7.1" in status
+        wait_for(lambda: len(relay.events("delivery")) >= 4, what="two attempts after the notice")
+        assert len(sender_mx.messages) == 1
+        [notice] = relay.events("delay_notice")
+        assert notice["recipients"] == ["bob@busy.test"]
+        assert len(relay.queued()) == 1  # still queued: a notice, not a bounce
+
+    def test_off_by_default(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """Without delayWarning a deferred message brings the sender nothing."""
+        relay, sender_mx = _setup(start_dns, start_sink, start_relay, smtp_port, queueTimer="1s")
+        send(relay.port, "alice@sender.test", ["bob@busy.test"])
+        wait_for(lambda: len(relay.events("delivery")) >= 3, what="three attempts")
+        assert sender_mx.messages == []

@@ -290,7 +290,12 @@ class _GatewayLogin:
 
 class TestGatewayAuth:
     def _relay(
-        self, start_relay: Start, tmp_path: Path, gateway: Sink, debug: bool = False
+        self,
+        start_relay: Start,
+        tmp_path: Path,
+        gateway: Sink,
+        debug: bool = False,
+        **options: Any,
     ) -> Relay:
         credentials = tmp_path / "gateway"
         credentials.mkdir()
@@ -302,6 +307,7 @@ class TestGatewayAuth:
                     "host": f"{gateway.host}:{gateway.port}",
                     "sendAll": True,
                     "credentialsFile": str(credentials),
+                    **options,
                 },
                 "delivery": {"queueTimer": "1h"},
                 "logging": {"target": "stdout", "debug": debug},
@@ -322,7 +328,7 @@ class TestGatewayAuth:
             auth_required=True,
             auth_require_tls=True,
         )
-        relay = self._relay(start_relay, tmp_path, gateway, debug=True)
+        relay = self._relay(start_relay, tmp_path, gateway, debug=True, caFile=str(certs.ca_file))
         send(relay.port, "alice@sender.test", ["bob@example.test"])
         [got] = gateway.wait_for_messages()
         assert got.login == "relay"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,13 @@ class TestReport:
 
 
 class TestSpool:
+    def test_state_files_of_older_relays_still_read(self) -> None:
+        """A state file without 'warned' (written before delayWarning) reads as not warned."""
+        old = b'{"attempts": 2, "delivered": ["a@x.test"], "failed": []}'
+        state = spool._decode_state(old)
+        assert (state.attempts, state.warned) == (2, False)
+        assert spool._decode_state(spool._encode_state(replace(state, warned=True))).warned
+
     def test_enqueued_message_is_on_disk_with_its_envelope(self, tmp_path: Path) -> None:
         """After enqueue returns, a reader of the directory sees envelope and content."""
         queue = Spool(tmp_path)
