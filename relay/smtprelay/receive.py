@@ -11,11 +11,13 @@ from __future__ import annotations
 import email.utils
 import errno
 import ipaddress
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from smtprelay.addresses import address_problem, canonical, helo_problem, local_part_problem
@@ -36,6 +38,11 @@ AUTH_BLOCKED = "421 4.7.0 Too many failed authentications from your address, try
 AUTH_NOT_OFFERED = "502 5.5.1 AUTH is not offered by this relay"
 TOO_MANY_ERRORS = "421 4.7.0 Too many errors in this session, closing connection"
 
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+# aiosmtpd hangs up with a 502 after 5 unrecognised commands; limits.errorsPerSession (which
+# counts those too) decides instead, and the hang-up is a 421 as RFC 5321 §3.8 asks.
+aiosmtpd.smtp.BOGUS_LIMIT = 1_000_000
 
 # aiosmtpd's stock replies, given the enhanced status codes (RFC 3463) clients log.
 _ENHANCED = {
@@ -134,7 +141,7 @@ class RelaySMTP(StreamingData, SMTP):
         return call
 
     async def push(self, status: str) -> None:  # type: ignore[override]
-        status = _ENHANCED.get(status, status)
+        status = _UNPRINTABLE.sub("?", _ENHANCED.get(status, status))  # replies echo input
         if self._users is None and status.startswith("250-AUTH"):
             return  # aiosmtpd advertises AUTH under TLS; without a users file there is none
         if debug_enabled():
