@@ -141,7 +141,9 @@ class RelaySMTP(StreamingData, SMTP):
         return call
 
     async def push(self, status: str) -> None:  # type: ignore[override]
-        status = _UNPRINTABLE.sub("?", _ENHANCED.get(status, status))  # replies echo input
+        status = _ENHANCED.get(status, status)
+        if isinstance(status, str):  # AUTH challenges come as bytes, base64 already
+            status = _UNPRINTABLE.sub("?", status)  # replies echo what the client sent
         if self._users is None and status.startswith("250-AUTH"):
             return  # aiosmtpd advertises AUTH under TLS; without a users file there is none
         if debug_enabled():

@@ -12,6 +12,7 @@ from typing import Any
 from tests.peers import Relay, Sink, Zone, wait_for
 from tests.relay.mail import message, send
 from tests.relay.test_durability import _delivered_ids, _small_disk
+from tests.reliability.wire import Wire
 
 Start = Callable[..., Any]
 
@@ -64,7 +65,17 @@ def test_a_full_volume_answers_4xx_only_and_recovers(
                 break
     assert 452 in codes, "the disk never filled"
     assert accepted
-    assert _dropped(relay) > 0  # the day file could not take the refusals' lines
+
+    def refusals_dropped() -> bool:
+        """More refusals, each a log line for the full disk; true once one was dropped."""
+        with Wire(relay.port) as wire:
+            wire.command(b"EHLO client.test")
+            wire.command(b"MAIL FROM:<alice@sender.test>")
+            for _ in range(15):
+                assert wire.command(b"RCPT TO:<bad\x01@later.test>").startswith(b"553")
+        return _dropped(relay) > 0
+
+    wait_for(refusals_dropped, timeout=60, what="a log line dropped for the full disk")
     assert relay.ready()
     mx: Sink = start_sink("127.0.0.4", smtp_port)
     wait_for(lambda: accepted <= _delivered_ids(mx), timeout=90, what="every 250'd message")
