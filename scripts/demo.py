@@ -182,6 +182,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:  # noqa: PLR0915 -- one
         name = manifest["metadata"]["name"]
         manifest["metadata"]["namespace"] = NAMESPACE
         manifest["spec"]["dnsServers"] = [dns.server]
+        manifest["spec"]["allowedNetworks"] = ["127.0.0.0/8"]  # this machine's "pod network"
         manifest["spec"].setdefault("delivery", {})["port"] = mx_port
         show(yaml.safe_dump(manifest, sort_keys=False))
         spool_volume(plane, name, workdir / "node-volume")

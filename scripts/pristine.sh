@@ -37,9 +37,10 @@ base="$CACHE/pristine/bookworm-minbase.tar"
 if [ ! -s "$base" ]; then
   mkdir -p "$(dirname "$base")"
   echo "pristine: making the base root with mmdebstrap (about 75 s)" >&2
+  # mmdebstrap picks the output format from the name: keep the .tar suffix on the partial file.
   mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates,git \
-    bookworm "$base.tmp" "$mirror" >&2
-  mv "$base.tmp" "$base"
+    bookworm "${base%.tar}.partial.tar" "$mirror" >&2
+  mv "${base%.tar}.partial.tar" "$base"
 fi
 
 root=$(mktemp -d /tmp/smtprelay-pristine.XXXXXX)

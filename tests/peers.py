@@ -53,6 +53,13 @@ def wait_for(
         time.sleep(interval)
 
 
+def postfix_tool(name: str) -> str:
+    """A Postfix test program (smtp-sink, smtp-source)."""
+    found = shutil.which(name) or f"/usr/sbin/{name}"
+    assert os.path.exists(found), f"{name} is installed by scripts/setup.sh (apt-get postfix)"
+    return found
+
+
 # --- DNS -----------------------------------------------------------------------------------
 
 
@@ -249,6 +256,8 @@ class Relay:
             "hostname": "relay.test",
             "logging": {"target": "stdout"},
             "workers": 1,  # one process, unless a test asks for more
+            # The default leaves loopback out (sidecars); here the clients are on loopback.
+            "allowedNetworks": ["127.0.0.0/8"],
             # No DNS unless a test brings dnsmasq: a closed port makes every lookup a
             # temporary failure, so accepted mail stays queued instead of depending on
             # whatever the machine's resolver says about .test names.

@@ -162,13 +162,14 @@ Network = Annotated[
 ]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
+# Pod and node networks. Not loopback: a sidecar proxy (Istio, Linkerd) hands the relay
+# every connection from 127.0.0.x, and counting those would open the relay to whoever can
+# reach the sidecar.
 DEFAULT_NETWORKS = [
     "10.0.0.0/8",
     "172.16.0.0/12",
     "192.168.0.0/16",
-    "127.0.0.0/8",
     "fc00::/7",
-    "::1/128",
 ]
 
 
@@ -417,6 +418,18 @@ class Logging(_Model):
         return self
 
 
+class ProxyProtocol(_Model):
+    """PROXY protocol (v1 and v2) from TCP load balancers that hide the client's address."""
+
+    trusted_networks: list[Network] = Field(
+        default_factory=list,
+        alias="trustedNetworks",
+        description="CIDRs of load balancers whose connections must start with a PROXY v1/v2 "
+        "header naming the real client, which allowedNetworks then judges; from any other "
+        "address a PROXY header is refused. Empty: PROXY is not accepted.",
+    )
+
+
 class TlsFiles(_Model):
     """The certificate STARTTLS offers; re-read when the files change."""
 
@@ -444,7 +457,8 @@ class MailSettings(_Model):
     allowed_networks: list[Network] = Field(
         default_factory=lambda: list(DEFAULT_NETWORKS),
         alias="allowedNetworks",
-        description="CIDRs that may relay without AUTH; all others get 554 5.7.1.",
+        description="CIDRs that may relay without AUTH; all others get 554 5.7.1. The "
+        "default (private networks, not loopback) keeps a relay behind a sidecar proxy closed.",
     )
     max_message_size: Quantity = Field(
         25 * 1024**2,
@@ -474,6 +488,7 @@ class MailSettings(_Model):
     )
     logging: Logging = Field(default_factory=Logging)
     limits: Limits = Field(default_factory=Limits)
+    proxy_protocol: ProxyProtocol = Field(default_factory=ProxyProtocol, alias="proxyProtocol")
     workers: int = Field(
         0,
         ge=0,

@@ -17,14 +17,15 @@ import asyncio
 import functools
 import socket
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
 
 from smtprelay.config import TlsLevel
+from smtprelay.dsn import MailOptions, RecipientOptions
 from smtprelay.spool import MessageFile
 from smtprelay.transcript import TranscribingSMTP
 
@@ -41,6 +42,7 @@ class Result:
     host: str = ""  # the address the relay talked to
     tls: str = ""  # "verified", "encrypted" or "" (plaintext) for the connection used
     name: str = ""  # that host's name (MX, gateway), as a certificate would carry it
+    dsn: bool = False  # the host offered DSN, so it reports on the recipient from now on
 
 
 @dataclass(frozen=True)
@@ -155,24 +157,71 @@ async def _secure(client: TranscribingSMTP, target: Target, policy: Policy, leve
     return "verified" if level == "verify" else "encrypted"
 
 
+@dataclass(frozen=True)
+class Carried:
+    """What the message carries to the next hop besides its data (see :mod:`smtprelay.dsn`)."""
+
+    options: MailOptions = field(default_factory=MailOptions)
+    recipients: Mapping[str, RecipientOptions] = field(default_factory=dict)
+
+
+def _mail_parameters(client: TranscribingSMTP, carried: Carried) -> list[str] | str:
+    """MAIL FROM parameters for this hop, or why the message cannot go to it."""
+    options = carried.options
+    parameters: list[str] = []
+    if options.smtputf8:
+        if not client.supports_extension("smtputf8"):
+            return "553 5.6.7 the next hop does not offer SMTPUTF8, which this message's addresses need (RFC 6531)"
+        parameters.append("SMTPUTF8")
+    if options.body == "8BITMIME":
+        if not client.supports_extension("8bitmime"):
+            return "554 5.6.3 the next hop does not accept 8-bit data (RFC 6152) and the relay does not convert it"
+        parameters.append("BODY=8BITMIME")
+    if client.supports_extension("dsn"):
+        if options.ret:
+            parameters.append(f"RET={options.ret}")
+        if options.envid:
+            parameters.append(f"ENVID={options.envid}")
+    return parameters
+
+
+def _rcpt_parameters(client: TranscribingSMTP, options: RecipientOptions) -> list[str]:
+    if not client.supports_extension("dsn"):
+        return []
+    parameters = [f"NOTIFY={','.join(options.notify)}"] if options.notify else []
+    return parameters + ([f"ORCPT={options.orcpt}"] if options.orcpt else [])
+
+
 async def _transaction(
     client: TranscribingSMTP,
     sender: str,
     recipients: tuple[str, ...],
     data: MessageFile,
     template: Result,
+    carried: Carried,
 ) -> dict[str, Result]:
     """MAIL, RCPT per recipient, DATA for those accepted; a result per recipient."""
 
     def result(outcome: Outcome, code: int, text: str) -> Result:
         return replace(template, outcome=outcome, code=code, text=text)
 
-    await client.mail(sender)
+    if client.last_ehlo_response is None and client.last_helo_response is None:
+        await client.ehlo()
+    template = replace(template, dsn=client.supports_extension("dsn"))
+    parameters = _mail_parameters(client, carried)
+    if isinstance(parameters, str):
+        code, _, text = parameters.partition(" ")
+        return dict.fromkeys(recipients, result("failed", int(code), text))
+    encoding = "utf-8" if carried.options.smtputf8 else "ascii"
+    await client.mail(sender, options=parameters, encoding=encoding)
     results: dict[str, Result] = {}
     accepted: list[str] = []
     for recipient in recipients:
+        options = carried.recipients.get(recipient, RecipientOptions())
         try:
-            reply = await client.rcpt(recipient)
+            reply = await client.rcpt(
+                recipient, options=_rcpt_parameters(client, options), encoding=encoding
+            )
         except aiosmtplib.SMTPRecipientRefused as error:
             results[recipient] = result(classify(error.code), error.code, error.message)
         except ValueError as error:  # a spooled address aiosmtplib will not send
@@ -201,6 +250,7 @@ async def _deliver_once(
     sender: str,
     recipients: tuple[str, ...],
     data: MessageFile,
+    carried: Carried,
     timeout: float,
 ) -> dict[str, Result]:
     sock = await _connect(target, timeout)
@@ -232,6 +282,7 @@ async def _deliver_once(
             recipients,
             data,
             Result("delivered", 0, "", target.address, channel, target.name),
+            carried,
         )
     finally:
         try:
@@ -248,6 +299,7 @@ async def _try_target(
     sender: str,
     recipients: tuple[str, ...],
     data: MessageFile,
+    carried: Carried,
     timeout: float,
 ) -> dict[str, Result]:
     """One host; under ``may`` a failed handshake is followed by plaintext on a fresh
@@ -270,6 +322,7 @@ async def _try_target(
                 sender=sender,
                 recipients=recipients,
                 data=data,
+                carried=carried,
                 timeout=timeout,
             )
         except _Deferred as refused:
@@ -298,6 +351,7 @@ async def deliver(
     sender: str,
     recipients: tuple[str, ...],
     data: MessageFile,
+    carried: Carried | None = None,
     timeout: float = 60.0,
 ) -> dict[str, Result]:
     """Try ``targets`` in order within this one attempt, each with what is still deferred.
@@ -318,6 +372,7 @@ async def deliver(
             sender=sender,
             recipients=pending,
             data=data,
+            carried=carried or Carried(),
             timeout=timeout,
         )
         results.update(outcome)

@@ -8,6 +8,7 @@ delivery: the spool is the interface.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import errno
 import ipaddress
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiosmtpd.smtp
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from smtprelay.addresses import address_problem, canonical, helo_problem, local_part_problem
@@ -25,12 +27,19 @@ from smtprelay.auth import FailureLimiter, Users
 from smtprelay.bodystream import BodyDecoder
 from smtprelay.config import MailSettings
 from smtprelay.dataphase import StreamingData
+from smtprelay.esmtp import (
+    EsmtpParameters,
+    message_options,
+    recipient_options,
+    utf8_problem,
+)
 from smtprelay.logs import debug_enabled, mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.spool import Draft, Spool
 from smtprelay.transcript import mask_auth, record
 
 MAX_HOPS = 50
+PROXY_TIMEOUT = 10.0  # seconds a trusted load balancer has to send its PROXY header
 MAX_RECIPIENTS = 1000
 
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
@@ -96,10 +105,11 @@ class _Unchecked:
     credentials: LoginPassword
 
 
-class RelaySMTP(StreamingData, SMTP):
+class RelaySMTP(StreamingData, EsmtpParameters, SMTP):
     """aiosmtpd's protocol, with what a production front door adds to it.
 
-    RFC 3463 status codes on its stock size and line replies; AUTH PLAIN/LOGIN against the
+    RFC 3463 status codes on its stock size and line replies; DSN, SMTPUTF8 and BODY
+    parameters kept (see :mod:`smtprelay.esmtp`); PROXY from trusted balancers; AUTH PLAIN/LOGIN against the
     users file, checked off the event loop and rate limited per client address; a graceful
     stop (``shut_down``); and, with ``logging.debug``, a transcript of the session.
     """
@@ -112,9 +122,11 @@ class RelaySMTP(StreamingData, SMTP):
         limiter: FailureLimiter | None = None,
         errors_limit: int = 20,
         data_timeout: float = 600.0,
+        proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        self._proxies = proxies or []
         self._users = users
         self._limiter = limiter or FailureLimiter()
         self._closing = False
@@ -125,6 +137,16 @@ class RelaySMTP(StreamingData, SMTP):
             self._smtp_methods = {
                 name: self._transcribed(name, method) for name, method in self._smtp_methods.items()
             }
+
+    # --- PROXY protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A trusted load balancer must start with a PROXY header (aiosmtpd reads it, then
+        # calls handle_PROXY); anyone else gets plain SMTP, where PROXY is an unknown command.
+        address = client_ip(transport.get_extra_info("peername"))
+        trusted = address is not None and any(address in net for net in self._proxies)
+        self._proxy_timeout = PROXY_TIMEOUT if trusted else None
+        super().connection_made(transport)
 
     # --- transcript -------------------------------------------------------------------
 
@@ -144,6 +166,8 @@ class RelaySMTP(StreamingData, SMTP):
         status = _ENHANCED.get(status, status)
         if isinstance(status, str):  # AUTH challenges come as bytes, base64 already
             status = _UNPRINTABLE.sub("?", status)  # replies echo what the client sent
+        if status == "250-8BITMIME":  # aiosmtpd has no DSN; offer it beside 8BITMIME
+            await self.push("250-DSN")
         if self._users is None and status.startswith("250-AUTH"):
             return  # aiosmtpd advertises AUTH under TLS; without a users file there is none
         if debug_enabled():
@@ -289,6 +313,23 @@ class RelayHandler:
         system_log().error("session_error", error=f"{type(error).__name__}: {error}")
         return "451 4.3.0 Local error in processing, try again later"
 
+    async def handle_PROXY(
+        self, server: SMTP, session: Session, envelope: Envelope, proxy: ProxyData
+    ) -> bool:
+        """The load balancer names the real client: from now on the session's peer is it,
+        so allowedNetworks, the logs and Received: see the client, not the balancer."""
+        if proxy.src_addr is not None and client_ip((str(proxy.src_addr), 0)) is not None:
+            balancer = str(client_ip(session.peer))
+            # aiosmtpd annotates peer as a str; it holds the socket's peername tuple.
+            session.peer = (str(proxy.src_addr), proxy.src_port or 0)  # type: ignore[assignment]
+            mail_log().info(
+                "proxied",
+                client=str(client_ip(session.peer)),
+                balancer=balancer,
+                version=proxy.version,
+            )
+        return True  # LOCAL / UNKNOWN (health checks): the balancer's own address stays
+
     def may_relay(self, session: Session) -> bool:
         if session.authenticated:
             return True
@@ -323,6 +364,10 @@ class RelayHandler:
             return self._refuse(session, "spool_full", room, sender=address)
         if address == "<>":
             address = ""  # the null reverse-path of reports (RFC 5321 §4.5.5)
+        if problem := utf8_problem(address, bool(envelope.smtp_utf8)):
+            return self._refuse(
+                session, "bad_sender", f"553 5.6.7 Sender address {problem}", sender=address
+            )
         if address and (problem := address_problem(address)):
             return self._refuse(
                 session,
@@ -353,6 +398,14 @@ class RelayHandler:
             )
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 Too many recipients"
+        if problem := utf8_problem(address, bool(envelope.smtp_utf8)):
+            return self._refuse(
+                session,
+                "bad_recipient",
+                f"553 5.6.7 Recipient address {problem}",
+                sender=envelope.mail_from,
+                recipient=address,
+            )
         if "@" not in address and not local_part_problem(address):
             if self._settings.default_mail_host is None:
                 return self._refuse(
@@ -392,7 +445,12 @@ class RelayHandler:
         if session.authenticated:
             protocol += "A"
         draft = self._spool.draft(
-            sender=_sender(envelope), recipients=recipients, client=peer, queue_id=queue_id
+            sender=_sender(envelope),
+            recipients=recipients,
+            client=peer,
+            queue_id=queue_id,
+            options=message_options(envelope),
+            recipient_options=recipient_options(envelope),
         )
         draft.write(
             received_header(

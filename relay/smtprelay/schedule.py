@@ -19,7 +19,8 @@ from pathlib import Path
 
 from smtprelay import bounce
 from smtprelay.config import MailSettings, split_hostport
-from smtprelay.deliver import Credentials, Policy, Result, Target, deliver
+from smtprelay.deliver import Carried, Credentials, Policy, Result, Target, deliver
+from smtprelay.dsn import MailOptions
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
@@ -165,14 +166,19 @@ class Scheduler:
         where = self._spool.quarantine(queue_id)
         system_log().error("message_quarantined", queue_id=queue_id, reason=reason, path=str(where))
 
-    async def _attempt_unguarded(self, queue_id: str) -> float | None:
+    def _open(self, queue_id: str) -> tuple[Envelope, MessageFile] | None:
         try:
-            envelope, data = self._spool.open_message(queue_id)
+            return self._spool.open_message(queue_id)
         except FileNotFoundError:
             return None  # deleted by an administrator meanwhile
         except (ValueError, KeyError, TypeError) as error:  # torn or foreign: never retried
             self._quarantine(queue_id, f"unreadable: {error}")
             return None
+
+    async def _attempt_unguarded(self, queue_id: str) -> float | None:
+        if (opened := self._open(queue_id)) is None:
+            return None
+        envelope, data = opened
         state = self._spool.load_state(queue_id)
         attempt = state.attempts + 1
         pending = state.pending(envelope)
@@ -188,6 +194,7 @@ class Scheduler:
         delivered: set[str] = set()
         failures: list[bounce.Failure] = []
         delayed: list[bounce.Failure] = []
+        relayed: list[bounce.Failure] = []  # NOTIFY=SUCCESS to a hop without DSN
         for route, results in zip(groups, outcomes, strict=True):
             for recipient, result in results.items():
                 outcome = result.outcome
@@ -195,21 +202,23 @@ class Scheduler:
                     outcome = "failed"
                 self._log_attempt(envelope, attempt, route, recipient, result, outcome)
                 METRICS.attempts.labels(route=route.kind, outcome=outcome).inc()
+                report = bounce.Failure(
+                    recipient=recipient,
+                    status=bounce.status_for(result.code, result.text),
+                    diagnostic=f"{result.code} {result.text}",
+                    remote_mta=result.name or result.host,
+                    action={"delivered": "relayed", "deferred": "delayed"}.get(outcome, outcome),
+                )
                 if outcome == "delivered":
                     delivered.add(recipient)
                     METRICS.latency.observe(self._clock() - envelope.received)
+                    if not result.dsn and envelope.options_of(recipient).wants("SUCCESS"):
+                        relayed.append(report)
                 else:
-                    (failures if outcome == "failed" else delayed).append(
-                        bounce.Failure(
-                            recipient=recipient,
-                            status=bounce.status_for(result.code, result.text),
-                            diagnostic=f"{result.code} {result.text}",
-                            remote_mta=result.name or result.host,
-                            action=outcome if outcome == "failed" else "delayed",
-                        )
-                    )
-        if failures:
-            await self._return_to_sender(envelope, data, failures)
+                    (failures if outcome == "failed" else delayed).append(report)
+        for notices in (failures, relayed):
+            if notices:
+                await self._return_to_sender(envelope, data, notices)
         warn = delayed and self._warning_due(envelope, state, started)
         if warn:
             await self._return_to_sender(envelope, data, delayed)
@@ -303,6 +312,10 @@ class Scheduler:
             sender=envelope.sender,
             recipients=recipients,
             data=data,
+            carried=Carried(
+                options=envelope.options,
+                recipients={r: envelope.options_of(r) for r in recipients},
+            ),
         )
 
     def _warning_due(self, envelope: Envelope, state: QueueState, now: float) -> bool:
@@ -313,31 +326,44 @@ class Scheduler:
     async def _return_to_sender(
         self, envelope: Envelope, data: MessageFile, failures: list[bounce.Failure]
     ) -> None:
-        if not envelope.sender:
+        kind = {"delayed": "DELAY", "relayed": "SUCCESS"}.get(failures[0].action, "FAILURE")
+        unwanted = [f for f in failures if not envelope.options_of(f.recipient).wants(kind)]
+        if not envelope.sender or unwanted:
             mail_log().warning(
                 "bounce_suppressed",
                 queue_id=envelope.id,
-                reason="null sender",
-                recipients=[f.recipient for f in failures],
+                reason="null sender" if not envelope.sender else f"NOTIFY without {kind}",
+                recipients=[f.recipient for f in (failures if not envelope.sender else unwanted)],
             )
+        failures = [f for f in failures if f not in unwanted]
+        if not envelope.sender or not failures:
             return
         report = bounce.build_report(
             queue_id=envelope.id,
             sender=envelope.sender,
-            failures=failures,
+            failures=[
+                replace(f, original_recipient=envelope.options_of(f.recipient).orcpt)
+                for f in failures
+            ],
             headers=bounce.original_headers(data.head()),
             hostname=self._hostname,
             arrival=envelope.received,
             now=self._clock(),
+            envid=envelope.options.envid,
+            full=_returnable(data) if envelope.options.ret == "FULL" else None,
         )
         returned = await self._spool.enqueue(
-            sender="", recipients=(envelope.sender,), data=report, client="bounce"
+            sender="",
+            recipients=(envelope.sender,),
+            data=report,
+            client="bounce",
+            options=MailOptions(smtputf8=not envelope.sender.isascii()),
         )
-        delayed = failures[0].action == "delayed"
-        if not delayed:
+        action = failures[0].action
+        if action == "failed":
             METRICS.bounced.inc(len(failures))
         mail_log().info(
-            "delay_notice" if delayed else "bounced",
+            {"delayed": "delay_notice", "relayed": "relay_notice"}.get(action, "bounced"),
             queue_id=envelope.id,
             report_id=returned.id,
             sender=envelope.sender,
@@ -367,3 +393,12 @@ class Scheduler:
             reply=f"{result.code} {result.text}",
             outcome=outcome,
         )
+
+
+RETURN_LIMIT = 1024 * 1024  # RET=FULL returns messages up to this size; larger: headers only
+
+
+def _returnable(data: MessageFile) -> bytes | None:
+    """The whole message for a RET=FULL report, when small enough to build one in memory
+    (as Postfix's bounce_size_limit; RFC 3461 §4.3 allows returning headers only)."""
+    return data.head(RETURN_LIMIT) if data.size <= RETURN_LIMIT else None

@@ -32,7 +32,7 @@ from smtprelay.config import Limits, RelayConfig, split_hostport
 from smtprelay.deliver import Credentials
 from smtprelay.logs import system_log
 from smtprelay.metrics import METRICS, serve_http
-from smtprelay.receive import RelayHandler, RelaySMTP, client_ip
+from smtprelay.receive import RelayHandler, RelaySMTP, client_ip, parse_networks
 from smtprelay.route import MxResolver
 from smtprelay.schedule import Scheduler
 from smtprelay.spool import PID_FILE, Shard, Spool, SpoolInUse
@@ -256,6 +256,7 @@ def _session_factory(
     """One aiosmtpd protocol per connection, sharing the relay's policy and state."""
     handler = RelayHandler(settings=config, hostname=hostname, spool=spool)
     limiter = FailureLimiter()
+    proxies = parse_networks(config.proxy_protocol.trusted_networks)
 
     def factory() -> _TrackedSMTP:
         return _TrackedSMTP(
@@ -268,9 +269,11 @@ def _session_factory(
             ident="smtprelay",
             tls_context=tls.current() if tls is not None else None,
             auth_require_tls=True,
+            enable_SMTPUTF8=True,
             timeout=config.limits.command_timeout,
             data_timeout=config.limits.data_timeout,
             errors_limit=config.limits.errors_per_session,
+            proxies=proxies,
         )
 
     return factory

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smtprelay.dsn import MailOptions, RecipientOptions
+
 _QUEUE = "queue"
 _STATE = "state"
 _CORRUPT = "corrupt"
@@ -63,6 +65,16 @@ class Envelope:
     recipients: tuple[str, ...]
     received: float
     client: str = ""
+    options: MailOptions = field(default_factory=MailOptions)
+    # NOTIFY/ORCPT per recipient, in the order of recipients; () when no RCPT carried any.
+    recipient_options: tuple[RecipientOptions, ...] = ()
+
+    def options_of(self, recipient: str) -> RecipientOptions:
+        if self.recipient_options:
+            for address, options in zip(self.recipients, self.recipient_options, strict=True):
+                if address == recipient:
+                    return options
+        return RecipientOptions()
 
 
 @dataclass(frozen=True)
@@ -205,6 +217,11 @@ def _encode_envelope(envelope: Envelope) -> bytes:
         "received": envelope.received,
         "client": envelope.client,
     }
+    # Written only when present, so envelopes stay what older relays wrote and read.
+    if options := envelope.options.to_json():
+        header["options"] = options
+    if envelope.recipient_options:
+        header["recipient_options"] = [o.to_json() for o in envelope.recipient_options]
     return json.dumps(header, separators=(",", ":")).encode() + b"\n"
 
 
@@ -216,6 +233,10 @@ def _decode_envelope(line: bytes) -> Envelope:
         recipients=tuple(header["recipients"]),
         received=header["received"],
         client=header.get("client", ""),
+        options=MailOptions.from_json(header.get("options")),
+        recipient_options=tuple(
+            RecipientOptions.from_json(o) for o in header.get("recipient_options", ())
+        ),
     )
 
 
@@ -327,6 +348,8 @@ class Spool:
         data: bytes,
         client: str = "",
         queue_id: str | None = None,
+        options: MailOptions | None = None,
+        recipient_options: tuple[RecipientOptions, ...] = (),
     ) -> Envelope:
         """Store a message durably; when this returns, the message survives any crash."""
         now = self._clock()
@@ -336,6 +359,8 @@ class Spool:
             recipients=recipients,
             received=now,
             client=client,
+            options=options or MailOptions(),
+            recipient_options=recipient_options,
         )
         path = self.queue_dir / f"{envelope.id}{_SUFFIX}"
         await asyncio.to_thread(_write_durably, path, [_encode_envelope(envelope), data])
@@ -350,11 +375,24 @@ class Spool:
         return envelope
 
     def draft(
-        self, *, sender: str, recipients: tuple[str, ...], client: str, queue_id: str
+        self,
+        *,
+        sender: str,
+        recipients: tuple[str, ...],
+        client: str,
+        queue_id: str,
+        options: MailOptions | None = None,
+        recipient_options: tuple[RecipientOptions, ...] = (),
     ) -> Draft:
         """Start receiving a message: its envelope is the file's first line."""
         envelope = Envelope(
-            id=queue_id, sender=sender, recipients=recipients, received=self._clock(), client=client
+            id=queue_id,
+            sender=sender,
+            recipients=recipients,
+            received=self._clock(),
+            client=client,
+            options=options or MailOptions(),
+            recipient_options=recipient_options,
         )
         draft = Draft(envelope, self.queue_dir / f"{queue_id}{_SUFFIX}")
         draft.write(_encode_envelope(envelope))

@@ -58,6 +58,7 @@ class TestManifestToMail:
         cluster.spool_volume(name)
         spec = {
             "hostname": "e2e.example.com",
+            "allowedNetworks": ["127.0.0.0/8"],  # the stand-in pod's clients are on loopback
             "dnsServers": [mail_world.dns.server],
             "delivery": {"port": mail_world.port, "queueTimer": "2s"},
             "logging": {"target": "stdout"},

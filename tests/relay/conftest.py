@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.peers import Dnsmasq, Relay, Sink, Zone, free_port
+from tests.peers import Dnsmasq, Relay, Sink, Zone, free_port, postfix_tool
 
 
 @pytest.fixture
@@ -60,3 +64,25 @@ def start_relay(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
     for relay in relays:
         if relay.process is not None and relay.process.poll() is None:
             relay.stop()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[tuple[str, Path]]:
+    """Postfix's smtp-sink on 127.0.0.2, dumping every transaction to its own file."""
+    # As root smtp-sink must drop to a user (-u nobody), who needs a directory it can reach:
+    # not under pytest's private tmp_path.
+    dumps = Path(tempfile.mkdtemp(prefix="smtprelay-sink-"))
+    dumps.chmod(0o777)
+    port = free_port("127.0.0.2")
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    process = subprocess.Popen(
+        [postfix_tool("smtp-sink"), *user, "-d", f"{dumps}/msg.", f"127.0.0.2:{port}", "64"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield f"127.0.0.2:{port}", dumps
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(dumps, ignore_errors=True)

@@ -2,48 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.peers import Relay, free_port, wait_for
+from tests.peers import Relay, postfix_tool, wait_for
 
 Start = Callable[..., Any]
 MESSAGES = 100  # bounded load: smtp-source stops by itself after this many
-
-
-def _binary(name: str) -> str:
-    found = shutil.which(name) or f"/usr/sbin/{name}"
-    assert os.path.exists(found), f"{name} is installed by scripts/setup.sh (apt-get postfix)"
-    return found
-
-
-@pytest.fixture
-def smtp_sink() -> Iterator[tuple[str, Path]]:
-    """Postfix's smtp-sink on 127.0.0.2, dumping every transaction to its own file."""
-    # As root smtp-sink must drop to a user (-u nobody), who needs a directory it can reach:
-    # not under pytest's private tmp_path.
-    dumps = Path(tempfile.mkdtemp(prefix="smtprelay-sink-"))
-    dumps.chmod(0o777)
-    port = free_port("127.0.0.2")
-    user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    process = subprocess.Popen(
-        [_binary("smtp-sink"), *user, "-d", f"{dumps}/msg.", f"127.0.0.2:{port}", "64"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield f"127.0.0.2:{port}", dumps
-    finally:
-        process.terminate()
-        process.wait(10)
-        shutil.rmtree(dumps, ignore_errors=True)
 
 
 class TestPostfixPeers:
@@ -56,7 +23,7 @@ class TestPostfixPeers:
         relay: Relay = start_relay({"gateway": {"host": address, "sendAll": True}, "workers": 2})
         result = subprocess.run(
             [
-                _binary("smtp-source"),
+                postfix_tool("smtp-source"),
                 "-s",
                 "5",
                 "-m",

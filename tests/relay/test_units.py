@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from smtprelay import bounce, spool
 from smtprelay.config import parse_config
+from smtprelay.dsn import MailOptions, RecipientOptions
 from smtprelay.route import choose_route, group_by_route, uses_gateway
 from smtprelay.spool import QueueState, Spool
 
@@ -97,6 +98,21 @@ class TestReport:
 
 
 class TestSpool:
+    def test_envelopes_of_older_relays_still_read(self) -> None:
+        """A queue file's envelope line without options (queued before DSN support) reads
+        as no DSN parameters; one with them round-trips."""
+        old = b'{"id":"q1","sender":"a@x.test","recipients":["b@y.test"],"received":1.0}'
+        envelope = spool._decode_envelope(old)
+        assert envelope.options == MailOptions()
+        assert envelope.options_of("b@y.test").wants("FAILURE")
+        new = replace(
+            envelope,
+            options=MailOptions(ret="HDRS", envid="e1", smtputf8=True),
+            recipient_options=(RecipientOptions(notify=("NEVER",), orcpt="rfc822;B@y.test"),),
+        )
+        assert spool._decode_envelope(spool._encode_envelope(new)) == new
+        assert not new.options_of("b@y.test").wants("FAILURE")
+
     def test_state_files_of_older_relays_still_read(self) -> None:
         """A state file without 'warned' (written before delayWarning) reads as not warned."""
         old = b'{"attempts": 2, "delivered": ["a@x.test"], "failed": []}'

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.peers import Relay, free_port, wait_for
-from tests.relay.test_postfix_peers import _binary
+from tests.peers import Relay, free_port, postfix_tool, wait_for
 
 Start = Callable[..., Any]
 MESSAGE_MIB = 25
@@ -37,7 +36,7 @@ def discarding_sink() -> Iterator[str]:
     port = free_port("127.0.0.9")
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
     process = subprocess.Popen(
-        [_binary("smtp-sink"), *user, f"127.0.0.9:{port}", "16"],
+        [postfix_tool("smtp-sink"), *user, f"127.0.0.9:{port}", "16"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
