@@ -35,6 +35,7 @@ from unittest import mock
 
 from smtprelay.spool import QueueState, Spool
 
+from bench import baseline
 from bench.postfix import Postfix
 from bench.procs import TreeSampler, cpu_seconds
 from bench.relay import Relay
@@ -90,8 +91,9 @@ def idle_cpu(root: int, seconds: float = 5.0) -> float:
     return 100 * (cpu_seconds(root) - before) / seconds
 
 
-def measure_relay(args: argparse.Namespace, workdir: Path) -> Side:
-    result = Side("relay", args.messages)
+def measure_relay(args: argparse.Namespace, workdir: Path, *, source: Path | None = None) -> Side:
+    result = Side("relay" if source is None else "relay before", args.messages)
+    env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
     spool = workdir / "relay" / "spool"
     result.fill_seconds = fill_spool(spool, args.messages)
     print(f"relay: filled the spool with {args.messages} in {result.fill_seconds:.1f}s", flush=True)
@@ -105,13 +107,14 @@ def measure_relay(args: argparse.Namespace, workdir: Path) -> Side:
         begin = time.monotonic()
         out = subprocess.run(
             [sys.executable, "-m", "smtprelay", "queue", "--spool", str(spool), "list"],
+            env=env,
             check=True,
             capture_output=True,
             timeout=args.timeout,
         ).stdout
         result.list_seconds.append(time.monotonic() - begin)
         result.listed = sum(1 for line in out.splitlines()[1:] if line[:1].isalnum())
-        relay = Relay(workdir / "relay", config)
+        relay = Relay(workdir / "relay", config, source=source)
         attempted = 0.0
         try:
             started = relay.start(timeout=args.timeout)
@@ -124,6 +127,7 @@ def measure_relay(args: argparse.Namespace, workdir: Path) -> Side:
                 begin = time.monotonic()
                 subprocess.run(  # like postqueue -f: every message due now
                     [sys.executable, "-m", "smtprelay", "queue", "--spool", str(spool), "flush"],
+                    env=env,
                     check=True,
                     capture_output=True,
                     timeout=args.timeout,
@@ -268,7 +272,7 @@ def summarise(args: argparse.Namespace, sides: list[Side]) -> str:
         ),
     ]
     by_side = {s.side: s for s in sides}
-    if len(by_side) == 2:
+    if "relay" in by_side and "postfix" in by_side:
         relay, postfix = by_side["relay"], by_side["postfix"]
         ratio = median(relay.list_seconds) / median(postfix.list_seconds)
         out.append(f"mailq time ratio relay/postfix: {ratio:.2f}")
@@ -277,6 +281,15 @@ def summarise(args: argparse.Namespace, sides: list[Side]) -> str:
             out.append(
                 f"queue run, messages tried a second: relay {rates[0]:.0f}, postfix "
                 f"{rates[1]:.0f}, ratio relay/postfix {rates[0] / rates[1]:.3f}"
+            )
+        before = by_side.get("relay before")
+        if before is not None and before.run_seconds and postfix.run_seconds:
+            rate = before.run_attempted[0] / before.run_seconds[0]
+            theirs = postfix.run_attempted[0] / postfix.run_seconds[0]
+            list_ratio = median(before.list_seconds) / median(postfix.list_seconds)
+            out.append(
+                f"relay before: mailq time ratio {list_ratio:.2f}; queue run {rate:.0f} a "
+                f"second, ratio {rate / theirs:.3f}"
             )
     return "\n".join(out)
 
@@ -301,14 +314,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep spools and logs")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--baseline", metavar="REV", help="also measure the relay of this git revision first"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.messages <= 200_000 or not 1 <= args.repeat <= 20:
         parser.error("--messages must be 1..200000 and --repeat 1..20")
+    names = [args.only] if args.only else ["relay", "postfix"]
+    if args.baseline and args.only != "postfix":
+        names.insert(0, "baseline")
     sides: list[Side] = []
-    for side in [args.only] if args.only else ["relay", "postfix"]:
+    for side in names:
         with scratch(args.workdir, f"bench-queue-{side}-", args.keep) as workdir:
-            measure = measure_relay if side == "relay" else measure_postfix
-            sides.append(measure(args, workdir))
+            if side == "postfix":
+                sides.append(measure_postfix(args, workdir))
+            elif side == "relay":
+                sides.append(measure_relay(args, workdir))
+            else:
+                source = baseline.export(args.baseline, workdir / "source")
+                sides.append(measure_relay(args, workdir, source=source))
     print()
     print(summarise(args, sides))
     if args.json:

@@ -20,7 +20,14 @@ from tests.peers import free_port, wait_for
 class Relay:
     """The relay under measurement; ``wrap`` runs it under a profiler (``py-spy record ...``)."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], *, wrap: list[str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        *,
+        wrap: list[str] | None = None,
+        source: Path | None = None,
+    ):
         self.workdir = workdir
         self.port = free_port()
         self.metrics_port = free_port()
@@ -38,6 +45,9 @@ class Relay:
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.log_path = workdir / "relay.log"
         self._wrap = wrap or []
+        self._env = None
+        if source is not None:  # another revision's relay/ (see bench.baseline), first on the path
+            self._env = {**os.environ, "PYTHONPATH": str(source)}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,6 +76,7 @@ class Relay:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env=self._env,
             )
         wait_for(self.ready, timeout=timeout, what="the relay's /readyz")
         return time.monotonic() - begin

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import baseline
 from bench.postfix import Postfix
 from bench.procs import TreeSampler, cpu_seconds, port_open
 from bench.relay import Relay
@@ -129,12 +130,13 @@ def scratch(parent: Path, prefix: str, keep: bool) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def relay_trial(args: argparse.Namespace, workdir: Path) -> Trial:
+def relay_trial(args: argparse.Namespace, workdir: Path, *, source: Path | None = None) -> Trial:
     sink = Sink(workdir, args.messages)
     wrap = None
     if args.py_spy:
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        wrap = [py_spy, "record", "--nonblocking", "--rate", "200", "--format", "raw"]
+        wrap = [py_spy, "record", "--nonblocking", "--subprocesses", "--rate", "200"]
+        wrap += ["--format", "raw"]
         wrap += ["--output", str(args.py_spy), "--"]
     relay = Relay(
         workdir / "relay",
@@ -144,10 +146,12 @@ def relay_trial(args: argparse.Namespace, workdir: Path) -> Trial:
             "logging": {"target": args.log_target},
         },
         wrap=wrap,
+        source=source,
     )
     try:
         relay.start()
-        return drive(args, side="relay", port=relay.port, root=relay.pid, sink=sink)
+        side = "relay" if source is None else "baseline"
+        return drive(args, side=side, port=relay.port, root=relay.pid, sink=sink)
     finally:
         relay.stop()
         sink.stop()
@@ -167,14 +171,20 @@ def postfix_trial(args: argparse.Namespace, workdir: Path) -> Trial:
 
 def summarise(args: argparse.Namespace, trials: list[Trial]) -> str:
     relay = [t for t in trials if t.side == "relay"]
+    before = [t for t in trials if t.side == "baseline"]
     postfix = [t for t in trials if t.side == "postfix"]
     rows = []
-    for name, group in (("relay", relay), ("postfix", postfix)):
+    names = {
+        "baseline": f"relay before ({args.baseline_name})",
+        "relay": "relay",
+        "postfix": "postfix",
+    }
+    for name, group in (("baseline", before), ("relay", relay), ("postfix", postfix)):
         if not group:
             continue
         rows.append(
             [
-                name,
+                names[name],
                 spread([t.rate for t in group]),
                 spread([t.messages / t.accept_seconds for t in group]),
                 spread([t.peak_rss_kib / 1024 for t in group], "{:.1f}"),
@@ -204,6 +214,9 @@ def summarise(args: argparse.Namespace, trials: list[Trial]) -> str:
     if relay and postfix:
         ratio = median([t.rate for t in relay]) / median([t.rate for t in postfix])
         out += ["", f"ratio relay/postfix (median end-to-end msgs/s): {ratio:.2f}"]
+    if before and postfix:
+        ratio = median([t.rate for t in before]) / median([t.rate for t in postfix])
+        out += [f"ratio relay before/postfix: {ratio:.2f}"]
     return "\n".join(out)
 
 
@@ -227,19 +240,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep spools and logs")
     parser.add_argument("--json", type=Path, help="also write the trials here")
     parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the relay of this git revision (before/after in one run)",
+    )
+    parser.add_argument(
         "--py-spy", type=Path, help="profile the relay with py-spy (raw stacks to this file)"
     )
     args = parser.parse_args(argv)
     if args.messages < 1 or args.messages > 200_000 or args.repeat < 1 or args.repeat > 20:
         parser.error("--messages must be 1..200000 and --repeat 1..20")
     sides = [args.only] if args.only else ["relay", "postfix"]
+    if args.baseline and args.only != "postfix":
+        sides.insert(0, "baseline")
     if args.py_spy:
         sides, args.repeat = ["relay"], 1
     trials: list[Trial] = []
+    with contextlib.ExitStack() as stack:
+        source = None
+        args.baseline_name = ""
+        if "baseline" in sides:
+            parent = stack.enter_context(scratch(args.workdir, "bench-baseline-src-", False))
+            source = baseline.export(args.baseline, parent)
+            args.baseline_name = baseline.short(args.baseline)
+        run_rounds(args, sides, trials, source)
+    print()
+    print(summarise(args, trials))
+    if args.json:
+        args.json.write_text(json.dumps([dataclasses.asdict(t) for t in trials], indent=1))
+    return 0 if all(t.complete for t in trials) else 1
+
+
+def run_rounds(
+    args: argparse.Namespace, sides: list[str], trials: list[Trial], source: Path | None
+) -> None:
+    """Each round runs every side once, in turn, so background load hits them alike."""
     for round_ in range(args.repeat):
         for side in sides:
             with scratch(args.workdir, f"bench-{side}-", args.keep) as workdir:
-                trial = (relay_trial if side == "relay" else postfix_trial)(args, workdir)
+                if side == "postfix":
+                    trial = postfix_trial(args, workdir)
+                else:
+                    trial = relay_trial(
+                        args, workdir, source=source if side == "baseline" else None
+                    )
             trials.append(trial)
             print(
                 f"round {round_ + 1} {side:7} {trial.rate:7.0f} msgs/s end to end, "
@@ -248,11 +292,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"{trial.peak_rss_kib / 1024:.1f} MiB, CPU {trial.cpu_seconds:.2f}s",
                 flush=True,
             )
-    print()
-    print(summarise(args, trials))
-    if args.json:
-        args.json.write_text(json.dumps([dataclasses.asdict(t) for t in trials], indent=1))
-    return 0 if all(t.complete for t in trials) else 1
 
 
 if __name__ == "__main__":

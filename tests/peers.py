@@ -136,6 +136,7 @@ class Received:
     data: bytes
     peer: str
     login: str = ""  # the AUTH user, when the sink requires AUTH
+    source: str = ""  # the client's address and port: one per connection
 
     @property
     def message(self) -> email.message.EmailMessage:
@@ -177,6 +178,7 @@ class _SinkHandler:
                         data=envelope.original_content or b"",
                         peer=str(session.peer[0]) if session.peer else "",
                         login=getattr(session.auth_data, "login", b"").decode(),
+                        source=f"{session.peer[0]}:{session.peer[1]}" if session.peer else "",
                     )
                 )
         return self._sink.data_reply
@@ -228,7 +230,8 @@ class Sink:
         return result
 
     def stop(self) -> None:
-        self._controller.stop()
+        if self._controller._thread is not None:  # a test may have stopped it already
+            self._controller.stop()
 
 
 # --- the relay under test ------------------------------------------------------------------

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import os
 import signal
 import time
 from dataclasses import dataclass
 
-from smtprelay import bounce
-from smtprelay.spool import PID_FILE, Busy, Spool
+from smtprelay.spool import PID_FILE, Busy, QueueState, Spool
 
 LOCK_WAIT = 90.0  # longer than one delivery attempt usually takes
 
@@ -35,18 +33,20 @@ class Row:
 
 
 def _stamp(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
 
 
 def list_queue(spool: Spool) -> list[Row]:
+    """Every message's row: one read of each queue file's head, and of each state file that
+    a single listing of ``state/`` shows to exist (most new messages have none)."""
     rows = []
+    with_state = spool.state_ids()
     for queue_id in spool.ids():
         try:
-            envelope = spool.read_envelope(queue_id)
-            size = (spool.queue_dir / f"{queue_id}.eml").stat().st_size
+            envelope, size = spool.peek(queue_id)
         except FileNotFoundError:
             continue  # delivered while we looked
-        state = spool.load_state(queue_id)
+        state = spool.load_state(queue_id) if queue_id in with_state else QueueState()
         rows.append(
             Row(
                 id=queue_id,
@@ -131,6 +131,8 @@ def bounce_message(
     spool: Spool, queue_id: str, *, hostname: str, now: float, wait: float = LOCK_WAIT
 ) -> bool:
     """Fail every pending recipient and return the message to its sender."""
+    from smtprelay import bounce  # email.mime: only this command needs it
+
     with spool.locked(queue_id, timeout=wait) as present:
         if not present:
             return False  # the relay finished it meanwhile

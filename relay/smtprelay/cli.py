@@ -8,11 +8,16 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smtprelay import admin
-from smtprelay.auth import hash_password
-from smtprelay.config import ConfigError, RelayConfig, load_config
 from smtprelay.spool import Busy, Spool
+
+if TYPE_CHECKING:
+    from smtprelay.config import RelayConfig
+
+# Settings (pydantic), password hashing and the server are imported by the commands that
+# use them: `queue list` is run by hand and by scripts, and should start at once.
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path: Path) -> RelayConfig | None:
+    from smtprelay.config import ConfigError, load_config
+
     try:
         return load_config(path)
     except ConfigError as error:
@@ -57,12 +64,12 @@ def _load(path: Path) -> RelayConfig | None:
 
 
 def _queue(args: argparse.Namespace) -> int:
-    hostname = socket.getfqdn()
+    hostname = None
     if args.config is not None:
         config = _load(args.config)
         if config is None:
             return 1
-        spool_dir, hostname = config.spool_dir, config.hostname or hostname
+        spool_dir, hostname = config.spool_dir, config.hostname
     else:
         spool_dir = args.spool
     if not spool_dir.is_dir():
@@ -87,7 +94,9 @@ def _queue(args: argparse.Namespace) -> int:
         if args.action == "delete":
             done = admin.delete(spool, args.id)
         else:
-            done = admin.bounce_message(spool, args.id, hostname=hostname, now=time.time())
+            done = admin.bounce_message(
+                spool, args.id, hostname=hostname or socket.getfqdn(), now=time.time()
+            )
     except Busy:
         print(
             f"smtprelay queue {args.action}: {args.id} is still being delivered after "
@@ -110,6 +119,8 @@ def _hash_password(args: argparse.Namespace) -> int:
     if not password:
         print("smtprelay hash-password: empty password", file=sys.stderr)
         return 1
+    from smtprelay.auth import hash_password
+
     encoded = hash_password(password)
     print(f"{args.user}: '{encoded}'" if args.user else encoded)
     return 0

@@ -17,15 +17,19 @@ import asyncio
 import functools
 import socket
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
+from aiosmtplib.response import SMTPResponse
 
 from smtprelay.config import TlsLevel
 from smtprelay.dsn import MailOptions, RecipientOptions
+from smtprelay.scache import ConnectionCache, Session, quit_politely
+from smtprelay.sendbody import send_body
 from smtprelay.spool import MessageFile
 from smtprelay.transcript import TranscribingSMTP
 
@@ -165,7 +169,7 @@ class Carried:
     recipients: Mapping[str, RecipientOptions] = field(default_factory=dict)
 
 
-def _mail_parameters(client: TranscribingSMTP, carried: Carried) -> list[str] | str:
+def _mail_parameters(client: aiosmtplib.SMTP, carried: Carried) -> list[str] | str:
     """MAIL FROM parameters for this hop, or why the message cannot go to it."""
     options = carried.options
     parameters: list[str] = []
@@ -185,7 +189,7 @@ def _mail_parameters(client: TranscribingSMTP, carried: Carried) -> list[str] | 
     return parameters
 
 
-def _rcpt_parameters(client: TranscribingSMTP, options: RecipientOptions) -> list[str]:
+def _rcpt_parameters(client: aiosmtplib.SMTP, options: RecipientOptions) -> list[str]:
     if not client.supports_extension("dsn"):
         return []
     parameters = [f"NOTIFY={','.join(options.notify)}"] if options.notify else []
@@ -193,7 +197,7 @@ def _rcpt_parameters(client: TranscribingSMTP, options: RecipientOptions) -> lis
 
 
 async def _transaction(
-    client: TranscribingSMTP,
+    client: aiosmtplib.SMTP,
     sender: str,
     recipients: tuple[str, ...],
     data: MessageFile,
@@ -231,7 +235,7 @@ async def _transaction(
             results[recipient] = result("delivered", reply.code, reply.message)
     if accepted:
         try:
-            reply = await client.send_file(data, timeout=client.timeout)
+            reply = await _send(client, data)
         except aiosmtplib.SMTPResponseException as error:
             for recipient in accepted:
                 results[recipient] = result(classify(error.code), error.code, error.message)
@@ -241,18 +245,17 @@ async def _transaction(
     return results
 
 
-async def _deliver_once(
-    *,
-    target: Target,
-    policy: Policy,
-    level: TlsLevel,
-    helo: str,
-    sender: str,
-    recipients: tuple[str, ...],
-    data: MessageFile,
-    carried: Carried,
-    timeout: float,
-) -> dict[str, Result]:
+async def _send(client: aiosmtplib.SMTP, data: MessageFile) -> SMTPResponse:
+    """DATA streamed from the spool file (see :mod:`smtprelay.sendbody`)."""
+    if isinstance(client, TranscribingSMTP):
+        return await client.send_file(data, timeout=client.timeout)
+    return await send_body(client, data.pieces(), timeout=client.timeout)
+
+
+async def _open(
+    *, target: Target, policy: Policy, level: TlsLevel, helo: str, timeout: float
+) -> Session:
+    """A new session: connect, greeting, EHLO, STARTTLS and AUTH as the policy asks."""
     sock = await _connect(target, timeout)
     client = TranscribingSMTP(
         hostname=target.name,
@@ -276,19 +279,45 @@ async def _deliver_once(
             if channel == "" or level not in ("verify", "encrypt"):
                 raise _Deferred(451, f"4.7.0 credentials for {target.name} need TLS")
             await client.login(policy.credentials.username, policy.credentials.password)
-        return await _transaction(
-            client,
+    except BaseException:
+        await quit_politely(client)
+        raise
+    return Session(client, channel, time.monotonic())
+
+
+async def _deliver_once(
+    *,
+    target: Target,
+    policy: Policy,
+    level: TlsLevel,
+    helo: str,
+    sender: str,
+    recipients: tuple[str, ...],
+    data: MessageFile,
+    carried: Carried,
+    timeout: float,
+    cache: ConnectionCache | None,
+) -> dict[str, Result]:
+    key = (target, policy, level)
+    session = await cache.take(key) if cache is not None else None
+    if session is None:
+        session = await _open(target=target, policy=policy, level=level, helo=helo, timeout=timeout)
+    finished = False
+    try:
+        results = await _transaction(
+            session.client,
             sender,
             recipients,
             data,
-            Result("delivered", 0, "", target.address, channel, target.name),
+            Result("delivered", 0, "", target.address, session.channel, target.name),
             carried,
         )
+        finished = True
+        return results
     finally:
-        try:
-            await client.quit()
-        except (aiosmtplib.SMTPException, OSError):
-            client.close()
+        # a session whose transaction ended with a reply (any reply) can carry the next one
+        if not (finished and cache is not None and cache.put(key, session)):
+            await quit_politely(session.client)
 
 
 async def _try_target(
@@ -301,6 +330,7 @@ async def _try_target(
     data: MessageFile,
     carried: Carried,
     timeout: float,
+    cache: ConnectionCache | None,
 ) -> dict[str, Result]:
     """One host; under ``may`` a failed handshake is followed by plaintext on a fresh
     connection in the same attempt (as Postfix does), since unverified TLS protects only
@@ -324,6 +354,7 @@ async def _try_target(
                 data=data,
                 carried=carried,
                 timeout=timeout,
+                cache=cache,
             )
         except _Deferred as refused:
             if refused.handshake and level == "may" and policy.credentials is None:
@@ -353,12 +384,14 @@ async def deliver(
     data: MessageFile,
     carried: Carried | None = None,
     timeout: float = 60.0,
+    cache: ConnectionCache | None = None,
 ) -> dict[str, Result]:
     """Try ``targets`` in order within this one attempt, each with what is still deferred.
 
     A connection failure, a TLS failure under encrypt/verify, a refusing greeting or a 4xx
     moves the deferred recipients on to the next host (RFC 5321 §5.1; Postfix's relayhost
     list); delivered and failed ones are settled. A 5xx to MAIL FROM fails every recipient.
+    With a ``cache``, a host's session is reused for the next message (see scache).
     """
     results: dict[str, Result] = dict.fromkeys(
         recipients, Result("deferred", 451, "4.4.0 no address to deliver to")
@@ -374,6 +407,7 @@ async def deliver(
             data=data,
             carried=carried or Carried(),
             timeout=timeout,
+            cache=cache,
         )
         results.update(outcome)
         pending = tuple(r for r in pending if results[r].outcome == "deferred")

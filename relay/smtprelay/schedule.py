@@ -24,6 +24,7 @@ from smtprelay.dsn import MailOptions
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
+from smtprelay.scache import ConnectionCache
 from smtprelay.spool import Busy, Envelope, MessageFile, QueueState, Spool
 
 
@@ -51,6 +52,8 @@ class Scheduler:
         self._active: dict[str, asyncio.Task[float | None]] = {}
         self._wake = asyncio.Event()
         self._stopping = False
+        # sessions to gateways and MX hosts outlive one message (Postfix's scache)
+        self.connections = ConnectionCache(max_idle=settings.delivery.concurrency)
 
     @property
     def queued(self) -> int:
@@ -89,6 +92,11 @@ class Scheduler:
             return
         self._due[queue_id] = due
         heapq.heappush(self._heap, (due, queue_id))
+        if len(self._heap) > 2 * len(self._due) + 1024:
+            # superseded entries (a flush, a deferral) would otherwise stay until their old
+            # due time: rebuild, so the heap follows the queue's length, not its history
+            self._heap = [(when, qid) for qid, when in self._due.items()]
+            heapq.heapify(self._heap)
         self._wake.set()
 
     async def run(self) -> None:
@@ -130,6 +138,7 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.connections.close()
 
     async def _attempt(self, queue_id: str) -> float | None:
         """One attempt; returns when the message is due again, or None when it is done."""
@@ -235,7 +244,7 @@ class Scheduler:
             due = started + self._settings.delivery.queue_timer
             await asyncio.to_thread(self._spool.defer, queue_id, new_state, due)
             return due
-        await asyncio.to_thread(self._spool.remove, queue_id)
+        await asyncio.to_thread(self._spool.remove, queue_id, release=True)
         return None
 
     async def _targets(self, route: Route) -> tuple[Target, ...] | ResolveFailure:
@@ -316,6 +325,7 @@ class Scheduler:
                 options=envelope.options,
                 recipients={r: envelope.options_of(r) for r in recipients},
             ),
+            cache=self.connections,
         )
 
     def _warning_due(self, envelope: Envelope, state: QueueState, now: float) -> bool:

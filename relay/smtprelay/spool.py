@@ -13,8 +13,9 @@ delivery attempt and queue commands take it before they delete, bounce or resche
 administrator never removes a message in the middle of an attempt that then delivers it.
 
 A message exists once its ``queue/<id>.eml`` has been written, fsynced, renamed into place and
-the directory fsynced; only then does the relay answer 250. A state file is written the same
-way, but losing one is harmless: the message is merely tried again (at worst sent twice).
+the directory fsynced; only then does the relay answer 250. A state file is replaced the same
+way but not fsynced: losing one is harmless, the message is merely tried again (at worst
+sent twice).
 Directory fsyncs are grouped, so concurrent messages share one.
 """
 
@@ -27,8 +28,10 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +53,9 @@ def is_queue_id(name: str) -> bool:
 
 class SpoolInUse(Exception):
     """Another relay's processes still serve this spool."""
+
+
+WRITER_THREADS = 32
 
 
 class Busy(Exception):
@@ -159,8 +165,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_durably(path: Path, chunks: list[bytes]) -> None:
-    """Write to a temporary name, fsync, rename into place (the caller fsyncs the directory)."""
+def _write_durably(path: Path, chunks: list[bytes], *, sync: bool = True) -> None:
+    """Write to a temporary name, fsync, rename into place (the caller fsyncs the directory).
+
+    Without ``sync`` the rename still replaces the file whole for every reader; only a
+    crash of the machine may lose it.
+    """
     tmp = path.with_name(f".tmp-{path.name}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
@@ -168,7 +178,8 @@ def _write_durably(path: Path, chunks: list[bytes]) -> None:
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -179,34 +190,51 @@ def _write_durably(path: Path, chunks: list[bytes]) -> None:
 
 
 class _GroupSync:
-    """Coalesces directory fsyncs: everyone who asks during one fsync shares the next."""
+    """Group commit of directory fsyncs, in the writers' own threads.
+
+    A writer whose rename is done needs an fsync of the directory that starts after it.
+    If none is running, it runs one at once (a lone message waits for no timer and makes no
+    further thread hop); if one is running, it waits for the next, which the first writer
+    to arrive after the running one ends starts for everyone who arrived meanwhile.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._next: asyncio.Future[None] | None = None
+        self._cond = threading.Condition()
+        self._started = 0  # fsyncs begun; they run one at a time, in order
+        self._done = 0
         self._running = False
+        self._failed: dict[int, OSError] = {}
 
-    async def sync(self) -> None:
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-        waiter = self._next
-        if not self._running:
-            self._running = True
-            asyncio.get_running_loop().create_task(self._drain())
-        await asyncio.shield(waiter)
-
-    async def _drain(self) -> None:
-        try:
-            while self._next is not None:
-                batch, self._next = self._next, None
+    def sync(self) -> None:
+        """Block until an fsync of the directory that began after this call has ended."""
+        with self._cond:
+            target = self._started + 1
+            while self._done < target:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                number = self._started
+                self._cond.release()
+                error: OSError | None = None
                 try:
-                    await asyncio.to_thread(_fsync_dir, self._path)
-                except OSError as error:
-                    batch.set_exception(error)
-                else:
-                    batch.set_result(None)
-        finally:
-            self._running = False
+                    _fsync_dir(self._path)
+                except OSError as failure:
+                    error = failure
+                finally:
+                    self._cond.acquire()
+                self._running = False
+                self._done = number
+                if error is not None:
+                    self._failed[number] = error
+                    while len(self._failed) > 64:
+                        del self._failed[min(self._failed)]
+                self._cond.notify_all()
+            failed = self._failed.get(target)
+        if failed is not None:
+            raise OSError(failed.errno, failed.strerror, str(self._path))
 
 
 def _encode_envelope(envelope: Envelope) -> bytes:
@@ -320,6 +348,20 @@ class Spool:
         self.queue_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._queue_sync = _GroupSync(self.queue_dir)
+        self._writers: ThreadPoolExecutor | None = None
+        self._held: dict[str, int] = {}  # queue id -> the descriptor `locked` holds
+        self._queue_path = str(self.queue_dir)  # str paths: no pathlib cost per message
+        self._state_path = str(self.state_dir)
+
+    def _store(self, path: Path, chunks: list[bytes]) -> None:
+        """Write, fsync, rename and fsync the directory (grouped): one thread hop."""
+        _write_durably(path, chunks)
+        try:
+            self._queue_sync.sync()
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         """Be told the id of every message enqueued from now on."""
@@ -363,13 +405,9 @@ class Spool:
             recipient_options=recipient_options,
         )
         path = self.queue_dir / f"{envelope.id}{_SUFFIX}"
-        await asyncio.to_thread(_write_durably, path, [_encode_envelope(envelope), data])
-        try:
-            await self._queue_sync.sync()
-        except OSError:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer_pool(), self._store, path, [_encode_envelope(envelope), data]
+        )
         for listener in self._listeners:
             listener(envelope.id)
         return envelope
@@ -399,24 +437,37 @@ class Spool:
         return draft
 
     async def commit(self, draft: Draft) -> Envelope:
-        """Make a draft durable (fsync, rename, directory fsync grouped with others'); when
-        this returns, the message survives any crash."""
+        """Make a draft durable: fsync, rename and the grouped directory fsync, in one hop to
+        a writer thread, as `enqueue` does; when this returns, the message survives any
+        crash."""
         if draft.error is not None:
             raise draft.error
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer_pool(), self._commit_draft, draft
+        )
+        for listener in self._listeners:
+            listener(draft.envelope.id)
+        return draft.envelope
+
+    def _commit_draft(self, draft: Draft) -> None:
         try:
-            await asyncio.to_thread(draft.finish)
+            draft.finish()
         except OSError:
             draft.discard()
             raise
         try:
-            await self._queue_sync.sync()
+            self._queue_sync.sync()
         except OSError:
             with contextlib.suppress(OSError):
                 draft.path.unlink()
             raise
-        for listener in self._listeners:
-            listener(draft.envelope.id)
-        return draft.envelope
+
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        if self._writers is None:
+            # Writers wait in their threads for the grouped fsync: the more threads, the
+            # more messages share one; threads start only as concurrent messages need them.
+            self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="spool")
+        return self._writers
 
     def open_message(self, queue_id: str) -> tuple[Envelope, MessageFile]:
         """The envelope, and where the message is, to be read in pieces."""
@@ -479,6 +530,25 @@ class Spool:
         line, _, data = raw.partition(b"\n")
         return _decode_envelope(line), data
 
+    def peek(self, queue_id: str) -> tuple[Envelope, int]:
+        """The envelope and the queue file's size, reading only the file's head."""
+        fd = os.open(f"{self._queue_path}/{queue_id}{_SUFFIX}", os.O_RDONLY)
+        try:
+            head = os.read(fd, 4096)
+            while b"\n" not in head:  # an envelope of many recipients
+                more = os.read(fd, 65536)
+                if not more:
+                    break
+                head += more
+            return _decode_envelope(head.partition(b"\n")[0]), os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def state_ids(self) -> set[str]:
+        """Ids of the messages that have a state file."""
+        with os.scandir(self.state_dir) as listing:
+            return {entry.name[:-5] for entry in listing if entry.name.endswith(".json")}
+
     def read_envelope(self, queue_id: str) -> Envelope:
         with (self.queue_dir / f"{queue_id}{_SUFFIX}").open("rb") as handle:
             return _decode_envelope(handle.readline())
@@ -486,12 +556,21 @@ class Spool:
     def load_state(self, queue_id: str) -> QueueState:
         """The saved state; a missing or torn state file means nothing was recorded yet."""
         try:
-            return _decode_state((self.state_dir / f"{queue_id}.json").read_bytes())
+            fd = os.open(f"{self._state_path}/{queue_id}.json", os.O_RDONLY)
+            try:
+                raw = os.read(fd, 1 << 20)
+            finally:
+                os.close(fd)
+            return _decode_state(raw)
         except (OSError, ValueError, KeyError):
             return QueueState()
 
     def save_state(self, queue_id: str, state: QueueState) -> None:
-        _write_durably(self.state_dir / f"{queue_id}.json", [_encode_state(state)])
+        """Replace the state file, without an fsync: losing it to a crash of the machine only
+        means a recipient may get the message again (as Postfix marks delivered recipients
+        in its queue file without an fsync), while an fsync for every deferral would bound a
+        queue run by the disk's flush rate."""
+        _write_durably(self.state_dir / f"{queue_id}.json", [_encode_state(state)], sync=False)
 
     def reschedule(self, queue_id: str, due: float) -> None:
         """Make a message due at ``due`` (used by ``queue flush``)."""
@@ -507,6 +586,7 @@ class Spool:
         except FileNotFoundError:
             yield False
             return
+        held = False
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -517,27 +597,36 @@ class Spool:
                     if time.monotonic() >= deadline:
                         raise Busy(queue_id) from None
                     time.sleep(0.05)
+            self._held[queue_id] = fd
+            held = True
             yield os.fstat(fd).st_nlink > 0  # removed between our open and our lock
         finally:
-            os.close(fd)
+            if not held or self._held.pop(queue_id, None) is not None:
+                os.close(fd)  # unless remove(release=True) closed it already
 
-    def remove(self, queue_id: str, *, durable: bool = False) -> bool:
+    def remove(self, queue_id: str, *, durable: bool = False, release: bool = False) -> bool:
         """Drop a message and its state; False if it was already gone.
 
         After a delivery no fsync is needed: if a crash undoes the unlink, the message is
         merely delivered again, which the relay's contract allows, and an fsync per
         delivered message would cost throughput. An administrator's delete or bounce is
-        ``durable``: a deleted message must not come back and be sent.
+        ``durable``: a deleted message must not come back and be sent. With ``release``
+        the lock `locked` holds on it is closed here too: the close frees the unlinked
+        file, work that belongs in the caller's thread, not on the event loop.
         """
         try:
-            (self.queue_dir / f"{queue_id}{_SUFFIX}").unlink()
-        except FileNotFoundError:
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / f"{queue_id}.json").unlink()
-        if durable:
-            _fsync_dir(self.queue_dir)
-        return True
+            try:
+                os.unlink(f"{self._queue_path}/{queue_id}{_SUFFIX}")
+            except FileNotFoundError:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self._state_path}/{queue_id}.json")
+            if durable:
+                _fsync_dir(self.queue_dir)
+            return True
+        finally:
+            if release and (fd := self._held.pop(queue_id, None)) is not None:
+                os.close(fd)
 
     @property
     def corrupt_dir(self) -> Path:

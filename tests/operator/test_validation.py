@@ -57,6 +57,29 @@ INVALID = [
         "spec.delivery.tries",
         id="tries-below-one",
     ),
+    pytest.param(
+        {"gateway": {"host": "a.example.com", "hosts": ["b.example.com"]}},
+        "spec.gateway.hosts: Invalid value: "
+        "gateway.host and gateway.hosts are both set; use one of them",
+        id="host-and-hosts",
+    ),
+    pytest.param(
+        {"gateway": {"host": "a.example.com", "tls": "may", "credentialsSecret": "login"}},
+        "spec.gateway.tls: Invalid value: gateway.tls none or may would send the "
+        "credentialsSecret password unverified",
+        id="credentials-over-unverified-tls",
+    ),
+    pytest.param(
+        {"routes": [{"domains": ["a.example"]}]},
+        "spec.routes[0]: Invalid value: "
+        "a route needs exactly one of via (a list of hosts) or direct: true",
+        id="route-without-a-way",
+    ),
+    pytest.param(
+        {"delivery": {"tls": "strict"}},
+        "spec.delivery.tls: Unsupported value",
+        id="bad-tls-level",
+    ),
 ]
 
 

@@ -69,6 +69,39 @@ class TestParsing:
         assert config.max_message_size == 10 * 2**20
         assert config.gateway.tries_before_gateway == 3
 
+    def test_every_contract_addition_is_accepted(self) -> None:
+        """gateway.hosts/tls/implicitTls/caFile, delivery.tls/delayWarning, routes and
+        proxyProtocol.trustedNetworks, as DESIGN.md's contract additions name them."""
+        config = parse_config(
+            {
+                "delivery": {"tls": "encrypt", "delayWarning": "4h"},
+                "gateway": {
+                    "hosts": ["gw1.example:587", "gw2.example"],
+                    "tls": "verify",
+                    "implicitTls": True,
+                    "caFile": "/ca/ca.crt",
+                    "credentialsFile": "/gw",
+                },
+                "routes": [
+                    {
+                        "domains": ["a.example", ".b.example"],
+                        "senders": ["billing.example"],
+                        "via": ["hub.example:2525"],
+                        "tls": "encrypt",
+                        "caFile": "/ca/b.crt",
+                        "credentialsFile": "/b",
+                    },
+                    {"domains": ["c.example"], "direct": True},
+                ],
+                "proxyProtocol": {"trustedNetworks": ["10.0.0.5/32"]},
+            }
+        )
+        assert config.delivery.delay_warning == 4 * 3600
+        assert config.gateway.targets == ["gw1.example:587", "gw2.example"]
+        assert config.routes[1].direct
+        assert config.proxy_protocol.trusted_networks == ["10.0.0.5/32"]
+        assert parse_config({}).delivery.delay_warning == 0
+
     def test_defaults_match_the_design(self) -> None:
         """An empty file gives the documented defaults."""
         config = parse_config({})

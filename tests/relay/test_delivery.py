@@ -161,6 +161,56 @@ class TestGateway:
         assert mx.messages == []
 
 
+class TestConnectionCache:
+    def test_messages_to_one_host_share_a_session(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """Back-to-back messages to the gateway travel on one connection (RSET between),
+        as Postfix's connection cache does."""
+        dns = start_dns(_zone())
+        gateway: Sink = start_sink("127.0.0.9", smtp_port)
+        relay = _relay(
+            start_relay,
+            dns,
+            smtp_port,
+            gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
+            delivery={"concurrency": 1},
+        )
+        for number in range(3):
+            send(relay.port, "alice@sender.test", [f"r{number}@example.test"])
+        got = gateway.wait_for_messages(3)
+        assert sorted(r for m in got for r in m.recipients) == [
+            "r0@example.test",
+            "r1@example.test",
+            "r2@example.test",
+        ]
+        assert len({m.source for m in got}) == 1, [m.source for m in got]
+
+    def test_a_session_the_host_dropped_is_replaced(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """A cached session whose server went away fails its RSET and is closed; the
+        message goes out on a new connection in the same attempt."""
+        dns = start_dns(_zone())
+        first: Sink = start_sink("127.0.0.9", smtp_port)
+        relay = _relay(
+            start_relay,
+            dns,
+            smtp_port,
+            gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
+        )
+        send(relay.port, "alice@sender.test", ["one@example.test"])
+        first.wait_for_messages(1)
+        wait_for(lambda: relay.queued() == [], what="the first message to leave the spool")
+        first.stop()  # closes the session the relay keeps
+        second: Sink = start_sink("127.0.0.9", smtp_port)
+        send(relay.port, "alice@sender.test", ["two@example.test"])
+        [got] = second.wait_for_messages(1)
+        assert got.recipients == ("two@example.test",)
+        attempts = [e for e in relay.events("delivery") if e["recipient"] == "two@example.test"]
+        assert [e["outcome"] for e in attempts] == ["delivered"]
+
+
 class TestConcurrency:
     def test_deliveries_in_flight_are_bounded_by_concurrency(
         self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int

@@ -52,6 +52,8 @@ class TestInspect:
         relay = _relay(start_relay, start_dns, smtp_port)
         queue_id = _queue_id(send(relay.port, "alice@sender.test", ["u@later.test"]))
         wait_for(lambda: relay.events("delivery"), what="the deferred first attempt")
+        state = relay.spool / "state" / f"{queue_id}.json"  # saved just after the log line
+        wait_for(state.exists, what="the first attempt's state")
         assert _queue(relay, "list") == 0
         listing = capsys.readouterr().out
         assert queue_id in listing

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import errno
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -157,6 +159,53 @@ class TestSpool:
         asyncio.run(burst())
         assert len(list(queue.ids())) == 40
         assert 1 <= len(calls) < 40
+
+    def test_a_writer_arriving_during_an_fsync_waits_for_the_next(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The running fsync may have begun before a later rename, so a writer that arrives
+        while it runs is released only by an fsync that began after it arrived."""
+        began: list[int] = []
+        first_running, release_first = threading.Event(), threading.Event()
+
+        def fsync(path: Path) -> None:
+            began.append(len(began) + 1)
+            if len(began) == 1:
+                first_running.set()
+                assert release_first.wait(10)
+
+        monkeypatch.setattr(spool, "_fsync_dir", fsync)
+        group = spool._GroupSync(tmp_path)
+        done: dict[str, int] = {}
+
+        def writer(name: str) -> None:
+            group.sync()
+            done[name] = len(began)  # how many fsyncs had begun when it was released
+
+        first = threading.Thread(target=writer, args=("a",))
+        first.start()
+        assert first_running.wait(10)
+        second = threading.Thread(target=writer, args=("b",))
+        second.start()
+        release_first.set()
+        first.join(10)
+        second.join(10)
+        assert began == [1, 2]
+        assert done["b"] == 2  # not released by the fsync that was running when it came
+
+    def test_a_failed_directory_fsync_refuses_the_message(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """When the directory cannot be fsynced the enqueue fails and leaves no message."""
+
+        def failing(path: Path) -> None:
+            raise OSError(errno.EIO, "I/O error")
+
+        monkeypatch.setattr(spool, "_fsync_dir", failing)
+        queue = Spool(tmp_path)
+        with pytest.raises(OSError, match="I/O error"):
+            asyncio.run(queue.enqueue(sender="", recipients=("a@x.test",), data=b"x"))
+        assert list(queue.ids()) == []
 
     def test_state_records_progress_and_pending_recipients(self, tmp_path: Path) -> None:
         """Saved state survives a new Spool object; pending excludes settled recipients."""
