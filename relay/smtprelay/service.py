@@ -22,7 +22,7 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -123,8 +123,8 @@ class _TrackedSMTP(RelaySMTP):
             if refusal is not None:
                 self._turned_away = True
                 METRICS.refused.labels(reason="session_limit").inc()
-                assert isinstance(transport, asyncio.WriteTransport)
-                transport.write(refusal.encode() + b"\r\n")
+                # uvloop's transports write without subclassing asyncio.WriteTransport
+                cast(asyncio.WriteTransport, transport).write(refusal.encode() + b"\r\n")
                 transport.close()
                 return
             METRICS.connections.inc()
