@@ -6,6 +6,10 @@
 #   Python           a venv keyed by pyproject.toml, under ~/.cache/smtprelay  (pip)
 #   Kubernetes       etcd, kube-apiserver, controllers, kwok, kubectl built from the
 #                    pinned Go modules, under ~/.cache/smtprelay               (go build)
+#   the real node    containerd (go install), kubelet and kube-proxy (go build, same pin),
+#                    a pause image; runc and CNI plugins from Debian (python -m devcluster build)
+#   the relay image  mmdebstrap base + podman build of the Dockerfile, an OCI archive
+#                    under ~/.cache/smtprelay/image                  (python -m devcluster image)
 #
 #   scripts/setup.sh --check   installs nothing: checks every capability the tests use and
 #                              prints, for each one missing, the Debian package that gives it;
@@ -26,6 +30,11 @@ has_postfix_tools() { [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ]
 has_make() { command -v make >/dev/null 2>&1; }
 has_python_venv() { command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null; }
 has_unshare() { command -v unshare >/dev/null 2>&1; }
+has_mmdebstrap() { command -v mmdebstrap >/dev/null 2>&1; }
+has_podman() { command -v podman >/dev/null 2>&1; }
+has_runc() { [ -x /usr/sbin/runc ]; }
+has_cni() { [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ]; }
+has_iptables() { command -v iptables-save >/dev/null 2>&1 || [ -x /usr/sbin/iptables-save ]; }
 REQUIREMENTS=(
   # check                 packages                                       what for
   "has_dnsmasq            dnsmasq-base                                    DNS peer (MX/A records)"
@@ -35,6 +44,11 @@ REQUIREMENTS=(
   "has_make               make                                            the README's two commands"
   "has_python_venv        python3,python3-venv                            the project's virtualenv"
   "has_unshare            util-linux                                      full-disk tests (private tmpfs)"
+  "has_mmdebstrap         mmdebstrap                                      the relay image's Debian base"
+  "has_podman             podman                                          the relay image (podman build)"
+  "has_runc               runc                                            podman and containerd (crun refuses hybrid cgroups)"
+  "has_cni                containernetworking-plugins                     the real node's pod network (bridge)"
+  "has_iptables           iptables                                        kube-proxy, the node's FORWARD fence"
 )
 
 missing_packages() {
@@ -95,6 +109,7 @@ if [ "${SMTPRELAY_SKIP_CLUSTER_BUILD:-}" != 1 ]; then
   if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
     export PATH=/usr/local/go/bin:$PATH
   fi
-  "$VENV/bin/python" -m tests.cluster build >/dev/null  # progress and errors go to stderr
+  "$VENV/bin/python" -m devcluster build >/dev/null  # progress and errors go to stderr
+  "$VENV/bin/python" -m devcluster image >/dev/null
 fi
 echo "$VENV/bin"

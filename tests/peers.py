@@ -79,11 +79,11 @@ class Zone:
 
 
 class Dnsmasq:
-    """dnsmasq on 127.0.0.1:<free port>, authoritative for .test."""
+    """dnsmasq on 127.0.0.1:<free port> (or another local `address`), authoritative for .test."""
 
-    def __init__(self, zone: Zone, log_dir: Path) -> None:
+    def __init__(self, zone: Zone, log_dir: Path, *, address: str = "127.0.0.1") -> None:
         self.port = free_port()
-        self.server = f"127.0.0.1:{self.port}"
+        self.server = f"{address}:{self.port}"
         binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
         self._log = (log_dir / "dnsmasq.log").open("w")
         self.process = subprocess.Popen(
@@ -94,7 +94,7 @@ class Dnsmasq:
                 "--no-resolv",
                 "--no-hosts",
                 "--bind-interfaces",
-                "--listen-address=127.0.0.1",
+                f"--listen-address={address}",
                 f"--port={self.port}",
                 "--local=/test/",
                 "--pid-file=",
@@ -106,7 +106,7 @@ class Dnsmasq:
             stderr=subprocess.STDOUT,
         )
         resolver = dns.resolver.Resolver(configure=False)
-        resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", self.port)]
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(address, self.port)]
         resolver.lifetime = 0.5
 
         def answers() -> bool:

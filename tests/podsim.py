@@ -1,7 +1,8 @@
-"""Start the relay the way its pod would, from the operator's rendered objects.
+"""Start the relay the way its pod would, as a host process, for fast kwok-based tests.
 
-No kubelet runs containers here (kwok only pretends), so the demo and the end-to-end tests
-take the relay container out of the rendered Deployment and run it as a local process: its
+The demo and tests/e2e run the relay in real pods (devcluster's node). Tests that only need
+the relay as rendered, quickly and on kwok's fake node, take the relay container out of the
+rendered Deployment and run it as a local process: its
 command, arguments and environment as rendered, its ConfigMap volumes written out as files,
 its PersistentVolumeClaim a local directory. Only what a pod gets from its node is replaced:
 mount paths become local directories and the listen addresses become free loopback ports

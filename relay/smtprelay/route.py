@@ -217,7 +217,7 @@ class MxResolver:
         temporary: str | None = None
         for rdtype in ("A", "AAAA"):
             try:
-                answer = await self._resolver.resolve(host, rdtype, search=search)
+                answer = await self._lookup(host, rdtype, search=search)
             except dns.resolver.NXDOMAIN:
                 return ResolveFailure(True, "5.1.2", f"host {host} does not exist (NXDOMAIN)")
             except dns.resolver.NoAnswer:
@@ -231,6 +231,16 @@ class MxResolver:
         if temporary is not None:
             return ResolveFailure(False, "4.4.3", temporary)
         return ResolveFailure(True, "5.1.2", f"host {host} has no A or AAAA record")
+
+    async def _lookup(self, host: str, rdtype: str, *, search: bool) -> dns.resolver.Answer:
+        try:
+            return await self._resolver.resolve(host, rdtype, search=search)
+        except (dns.resolver.NoNameservers, dns.exception.Timeout):
+            if not search:
+                raise
+            # A search candidate the server will not answer (REFUSED, SERVFAIL) ends
+            # dnspython's walk of the list; the name as written still gets its own lookup.
+            return await self._resolver.resolve(host, rdtype, search=False)
 
     async def resolve(self, domain: str) -> Resolved | ResolveFailure:
         """The addresses to deliver a domain's mail to, MX preference order."""

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.cluster import accounts, build, controlplane
-from tests.cluster.controlplane import ControlPlane
+from devcluster import accounts, build, controlplane
+from devcluster.controlplane import ControlPlane
 
 _NAMESPACE_READY_TIMEOUT = 30.0
 _BUILD_ERROR = pytest.StashKey[build.BuildError]()

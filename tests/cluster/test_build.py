@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.cluster import build
+from devcluster import build
 
 _GO_MOD = """\
 module k8s.io/kubernetes

@@ -11,8 +11,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client import ApiException
 
-from tests.cluster import build
-from tests.cluster.controlplane import NODE_NAME, ControlPlane, wait_for
+from devcluster import build
+from devcluster.controlplane import NODE_NAME, ControlPlane, wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -123,3 +123,28 @@ class TestSearchList:
         send(relay.port, "alice@sender.test", ["bob@example.test"])
         [got] = gateway.wait_for_messages()
         assert got.recipients == ("bob@example.test",)
+
+    def test_a_search_domain_the_server_refuses_does_not_hide_the_name_itself(
+        self,
+        start_dns: Start,
+        start_sink: Start,
+        start_relay: Start,
+        smtp_port: int,
+        tmp_path: Path,
+    ) -> None:
+        """ndots:5 tries gw.test.elsewhere.example first, which dnsmasq refuses (not its
+        zone, no upstream); gw.test as written is still looked up and used."""
+        dns = start_dns(Zone(a=[("gw.test", "127.0.0.15")]))
+        gateway: Sink = start_sink("127.0.0.15", smtp_port)
+        resolv_conf = tmp_path / "resolv.conf"
+        resolv_conf.write_text("search elsewhere.example\noptions ndots:5\n")
+        relay: Relay = start_relay(
+            {
+                "dnsServers": [dns.server],
+                "gateway": {"host": f"gw.test:{smtp_port}", "sendAll": True},
+            },
+            wrapper=lambda argv: ["env", f"SMTPRELAY_RESOLV_CONF={resolv_conf}", *argv],
+        )
+        send(relay.port, "alice@sender.test", ["bob@example.test"])
+        [got] = gateway.wait_for_messages()
+        assert got.recipients == ("bob@example.test",)

@@ -42,6 +42,7 @@ class Pki:
     ca: KeyPair
     apiserver: KeyPair
     admin: KeyPair
+    kubelet_client: KeyPair
     service_account_key: Path
     service_account_pub: Path
 
@@ -95,8 +96,29 @@ def _leaf(
     return builder.sign(ca_key, hashes.SHA256()), _key_pem(key)
 
 
-def generate(directory: Path, *, service_ip: str) -> Pki:
-    """Write CA, API server serving cert, admin client cert and SA signing key."""
+def _load_ca(ca: KeyPair) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate(ca.cert_pem())
+    key = serialization.load_pem_private_key(ca.key_pem(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def client_cert(ca: KeyPair, directory: Path, *, stem: str, user: str, group: str) -> KeyPair:
+    """A client certificate from the cluster's CA, e.g. a node's (system:node:<name>)."""
+    ca_cert, ca_key = _load_ca(ca)
+    cert, key = _leaf(
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        subject=_name(user, group),
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        sans=[],
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    return _write(directory, stem, cert, key)
+
+
+def generate(directory: Path, *, service_ip: str, address: str = "127.0.0.1") -> Pki:
+    """Write CA, API server serving cert, admin and kubelet-client certs, SA signing key."""
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -128,7 +150,8 @@ def generate(directory: Path, *, service_ip: str) -> Pki:
     ca = _write(directory, "ca", ca_cert, _key_pem(ca_key))
 
     sans: list[x509.GeneralName] = [x509.DNSName(name) for name in _APISERVER_DNS]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", service_ip)]
+    ips = sorted({"127.0.0.1", service_ip, address})
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
     serving = _leaf(
         ca_cert=ca_cert,
         ca_key=ca_key,
@@ -142,6 +165,16 @@ def generate(directory: Path, *, service_ip: str) -> Pki:
         ca_cert=ca_cert,
         ca_key=ca_key,
         subject=_name("smtprelay-admin", "system:masters"),
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        sans=[],
+    )
+
+    # What the API server shows kubelets for logs/exec/port-forward (the kubelet authorizes
+    # it through the API server's webhook, so it needs a group RBAC lets do that).
+    kubelet_client = _leaf(
+        ca_cert=ca_cert,
+        ca_key=ca_key,
+        subject=_name("kube-apiserver-kubelet-client", "system:masters"),
         usage=ExtendedKeyUsageOID.CLIENT_AUTH,
         sans=[],
     )
@@ -160,6 +193,7 @@ def generate(directory: Path, *, service_ip: str) -> Pki:
         ca=ca,
         apiserver=_write(directory, "apiserver", *serving),
         admin=_write(directory, "admin", *admin),
+        kubelet_client=_write(directory, "kubelet-client", *kubelet_client),
         service_account_key=sa_key_path,
         service_account_pub=sa_pub_path,
     )
