@@ -41,8 +41,8 @@ from smtprelay_operator import api
 
 from bench.procs import TreeSampler, cpu_seconds
 from bench.report import machine, revision, table
-from tests.cluster import accounts, build, controlplane
-from tests.cluster.controlplane import ControlPlane
+from devcluster import accounts, build, controlplane
+from devcluster.controlplane import ControlPlane
 from tests.operator.support import CRD_FILE, Operator
 
 NAMESPACE = "scale-bench"
