@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
+import math
 import re
 import statistics
 import sys
@@ -39,8 +41,8 @@ from smtprelay_operator import api
 
 from bench.procs import TreeSampler, cpu_seconds
 from bench.report import machine, revision, table
-from tests.cluster import accounts, build, controlplane
-from tests.cluster.controlplane import ControlPlane
+from devcluster import accounts, build, controlplane
+from devcluster.controlplane import ControlPlane
 from tests.operator.support import CRD_FILE, Operator
 
 NAMESPACE = "scale-bench"
@@ -182,7 +184,20 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> float:
     return sum(after.values()) - sum(before.values())
 
 
-def _setup(plane: ControlPlane) -> Path:
+def _nodes(api_client: client.ApiClient, relays: int) -> None:
+    """More kwok nodes, so every relay's pod has room (a node takes 110 pods)."""
+    core = client.CoreV1Api(api_client)
+    for index in range(1, math.ceil(relays / 100)):
+        node: Any = copy.deepcopy(controlplane.fake_node())
+        name = f"{controlplane.NODE_NAME}-bench-{index}"
+        node["metadata"]["name"] = name
+        node["metadata"]["labels"]["kubernetes.io/hostname"] = name
+        core.create_node(node)
+
+
+def _setup(plane: ControlPlane, relays: int) -> Path:
+    with plane.api_client() as admin:
+        _nodes(admin, relays)
     plane.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
     name = f"{api.PLURAL}.{api.GROUP}"
     plane.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
@@ -321,7 +336,7 @@ def running(args: argparse.Namespace) -> Iterator[tuple[ControlPlane, Operator]]
     plane = controlplane.start(bin_dir=build.ensure_built())
     operator = None
     try:
-        kubeconfig = _setup(plane)
+        kubeconfig = _setup(plane, max(args.relays, args.idle_relays))
         log_dir = plane.run_dir / "operator-bench"
         log_dir.mkdir(exist_ok=True)
         operator = Operator(plane, NAMESPACE, log_dir, kubeconfig=kubeconfig)
@@ -392,10 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker.start()
         try:
             result = converge(args, plane, operator.process.pid, tracker)
-            print(
-                f"{result.ready_count}/{result.relays} Ready in {result.ready_seconds:.1f}s",
-                flush=True,
-            )
+            print(summarise(args, result), flush=True)
             if args.idle_relays > 0:
                 idle(args, plane, operator.process.pid, tracker, result)
         finally:

@@ -76,7 +76,8 @@ def swaks(server: str, *, to: str) -> None:
         timeout=60,
         check=False,
     )
-    conversation = [line for line in result.stdout.splitlines() if line.startswith((" ->", "<-"))]
+    verbs = (" -> EHLO", " -> MAIL", " -> RCPT", " -> DATA", " -> QUIT")
+    conversation = [line for line in result.stdout.splitlines() if line.startswith(("<", *verbs))]
     show("\n".join(conversation))
     if result.returncode != 0:
         raise RuntimeError(f"swaks failed:\n{result.stdout}{result.stderr}")
@@ -95,7 +96,9 @@ def run(args: argparse.Namespace, workdir: Path) -> int:  # noqa: PLR0915 -- one
     running = cluster.start()
     plane = running.plane
     stack = contextlib.ExitStack()
-    if not args.keep:
+    if args.keep:  # recorded at once, so `python -m devcluster down` stops it whatever happens
+        running.save_state(cluster.state_file())
+    else:
         stack.callback(running.stop)
     with stack:
         show(f"API server {plane.server}; node {node.NODE_NAME} at {node.NODE_IP}")
@@ -126,7 +129,6 @@ def run(args: argparse.Namespace, workdir: Path) -> int:  # noqa: PLR0915 -- one
         name = manifest["metadata"]["name"]
         manifest["metadata"]["namespace"] = NAMESPACE
         manifest["spec"]["dnsServers"] = [dns.server]
-        manifest["spec"]["allowedNetworks"] = ["127.0.0.0/8"]  # this machine's "pod network"
         manifest["spec"].setdefault("delivery", {})["port"] = mx_port
         show(deploy.apply(plane, manifest))
 
@@ -149,7 +151,11 @@ def run(args: argparse.Namespace, workdir: Path) -> int:  # noqa: PLR0915 -- one
         address = deploy.service_ip(plane, name, NAMESPACE)
 
         step(f"Sending a message with swaks to the Service, {address}:25")
-        swaks(address, to="bob@example.test")
+        try:
+            swaks(address, to="bob@example.test")
+        except RuntimeError:
+            show(plane.kubectl("logs", "-n", NAMESPACE, f"deploy/{name}", "--tail=20"))
+            raise
         [got] = sink.wait_for_messages(timeout=60)
 
         step("Delivered")
@@ -162,7 +168,6 @@ def run(args: argparse.Namespace, workdir: Path) -> int:  # noqa: PLR0915 -- one
         show(plane.kubectl("logs", "-n", NAMESPACE, f"deploy/{name}", "--tail=5"))
 
         if args.keep:
-            running.save_state(cluster.state_file())
             step("The cluster stays up (--keep). To use it:")
             show(f"export KUBECONFIG={plane.kubeconfig}")
             show(f"export PATH={plane.bin_dir}:$PATH")

@@ -176,6 +176,7 @@ class FailureLimiter:
         self._max_clients = max_clients
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
+        self._in_flight: dict[str, int] = {}
 
     def _recent(self, client: str) -> deque[float] | None:
         times = self._failures.get(client)
@@ -190,8 +191,22 @@ class FailureLimiter:
         return times
 
     def blocked(self, client: str) -> bool:
+        """True when the client's recent failures, counting the checks still running as
+        failures, reach the limit: parallel sessions cannot outrun the limiter."""
         times = self._recent(client)
-        return times is not None and len(times) >= self._limit
+        failures = len(times) if times is not None else 0
+        return failures + self._in_flight.get(client, 0) >= self._limit
+
+    def begin(self, client: str) -> None:
+        """A password check for ``client`` starts; `end` when it is settled."""
+        self._in_flight[client] = self._in_flight.get(client, 0) + 1
+
+    def end(self, client: str) -> None:
+        left = self._in_flight.get(client, 0) - 1
+        if left > 0:
+            self._in_flight[client] = left
+        else:
+            self._in_flight.pop(client, None)
 
     def failed(self, client: str) -> bool:
         """Record a failure; True when the client is now blocked."""

@@ -7,12 +7,23 @@ null envelope sender so that a report can never cause another report.
 from __future__ import annotations
 
 import email.utils
+import re
 from dataclasses import dataclass
 from email.message import Message
 from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import SMTP, SMTPUTF8
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]+")
+DIAGNOSTIC_MAX = 900  # a remote reply is quoted, not copied whole
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line of printable characters: a remote server's multi-line reply
+    (``550-...``/``550 Action: delivered``) is quoted in a report, never parsed as fields."""
+    flat = _CONTROLS.sub(" ", text).strip()
+    return flat if len(flat) <= DIAGNOSTIC_MAX else flat[: DIAGNOSTIC_MAX - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,7 @@ def original_headers(data: bytes) -> bytes:
 def _text_part(failures: list[Failure], hostname: str) -> str:
     intro = _INTRO[_action(failures)]
     lines = [f"This is the mail relay at {hostname}.", "", *intro, ""]
-    lines += [f"  <{f.recipient}>: {f.diagnostic}" for f in failures]
+    lines += [f"  <{one_line(f.recipient)}>: {one_line(f.diagnostic)}" for f in failures]
     lines += ["", "Your message (or its headers) is attached."]
     return "\n".join(lines) + "\n"
 
@@ -91,13 +102,13 @@ def _status_part(
         block = Message()
         if failure.original_recipient:
             kind, _, address = failure.original_recipient.partition(";")
-            block["Original-Recipient"] = f"{kind}; {address}"
-        block["Final-Recipient"] = address_field(failure.recipient)
+            block["Original-Recipient"] = f"{kind}; {one_line(address)}"
+        block["Final-Recipient"] = address_field(one_line(failure.recipient))
         block["Action"] = failure.action
         block["Status"] = failure.status
         if failure.remote_mta:
-            block["Remote-MTA"] = f"dns; {failure.remote_mta}"
-        block["Diagnostic-Code"] = f"smtp; {failure.diagnostic}"
+            block["Remote-MTA"] = f"dns; {one_line(failure.remote_mta)}"
+        block["Diagnostic-Code"] = f"smtp; {one_line(failure.diagnostic)}"
         part.attach(block)
     return part
 
@@ -118,7 +129,7 @@ def build_report(
     ``full`` (RET=FULL) is attached whole, else only ``headers`` (RET=HDRS, the default)."""
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
-    report["To"] = sender
+    report["To"] = one_line(sender)
     report["Subject"] = _SUBJECT[_action(failures)]
     report["Date"] = email.utils.formatdate(now)
     report["Message-ID"] = email.utils.make_msgid(idstring=queue_id, domain=hostname)

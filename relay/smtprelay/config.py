@@ -304,6 +304,38 @@ class Gateway(_Model):
         return self
 
 
+class Limits(_Model):
+    """What clients may take of the relay: sessions, errors and time, as Postfix bounds them."""
+
+    sessions: int = Field(
+        1000, ge=1, description="Concurrent SMTP sessions; beyond this a client gets 421."
+    )
+    sessions_per_client: int = Field(
+        100,
+        ge=1,
+        alias="sessionsPerClient",
+        description="Concurrent SMTP sessions from one client address; beyond: 421.",
+    )
+    errors_per_session: int = Field(
+        20,
+        ge=1,
+        alias="errorsPerSession",
+        description="Refused commands after which the client gets 421 and is disconnected.",
+    )
+    command_timeout: Duration = Field(
+        300.0,
+        alias="commandTimeout",
+        description="Time allowed for the client's next complete command; no partial line "
+        "resets it.",
+    )
+    data_timeout: Duration = Field(
+        600.0,
+        alias="dataTimeout",
+        description="Time allowed for the whole message after DATA's 354; a slow sender "
+        "cannot stretch it.",
+    )
+
+
 class Route(_Model):
     """One rule of ``routes``: mail for these domains (and senders) goes this way."""
 
@@ -455,6 +487,7 @@ class MailSettings(_Model):
         "first whose domains (and senders) match a recipient decides its way.",
     )
     logging: Logging = Field(default_factory=Logging)
+    limits: Limits = Field(default_factory=Limits)
     proxy_protocol: ProxyProtocol = Field(default_factory=ProxyProtocol, alias="proxyProtocol")
     workers: int = Field(
         0,

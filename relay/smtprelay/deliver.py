@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
+from aiosmtplib.response import SMTPResponse
 
 from smtprelay.config import TlsLevel
 from smtprelay.dsn import MailOptions, RecipientOptions
 from smtprelay.scache import ConnectionCache, Session, quit_politely
+from smtprelay.sendbody import send_body
+from smtprelay.spool import MessageFile
 from smtprelay.transcript import TranscribingSMTP
 
 Outcome = Literal["delivered", "deferred", "failed"]
@@ -197,7 +200,7 @@ async def _transaction(
     client: aiosmtplib.SMTP,
     sender: str,
     recipients: tuple[str, ...],
-    data: bytes,
+    data: MessageFile,
     template: Result,
     carried: Carried,
 ) -> dict[str, Result]:
@@ -225,12 +228,14 @@ async def _transaction(
             )
         except aiosmtplib.SMTPRecipientRefused as error:
             results[recipient] = result(classify(error.code), error.code, error.message)
+        except ValueError as error:  # a spooled address aiosmtplib will not send
+            results[recipient] = result("failed", 553, f"5.1.3 {error}")
         else:
             accepted.append(recipient)
             results[recipient] = result("delivered", reply.code, reply.message)
     if accepted:
         try:
-            reply = await client.data(data)
+            reply = await _send(client, data)
         except aiosmtplib.SMTPResponseException as error:
             for recipient in accepted:
                 results[recipient] = result(classify(error.code), error.code, error.message)
@@ -238,6 +243,13 @@ async def _transaction(
             for recipient in accepted:
                 results[recipient] = result("delivered", reply.code, reply.message)
     return results
+
+
+async def _send(client: aiosmtplib.SMTP, data: MessageFile) -> SMTPResponse:
+    """DATA streamed from the spool file (see :mod:`smtprelay.sendbody`)."""
+    if isinstance(client, TranscribingSMTP):
+        return await client.send_file(data, timeout=client.timeout)
+    return await send_body(client, data.pieces(), timeout=client.timeout)
 
 
 async def _open(
@@ -281,7 +293,7 @@ async def _deliver_once(
     helo: str,
     sender: str,
     recipients: tuple[str, ...],
-    data: bytes,
+    data: MessageFile,
     carried: Carried,
     timeout: float,
     cache: ConnectionCache | None,
@@ -315,7 +327,7 @@ async def _try_target(
     helo: str,
     sender: str,
     recipients: tuple[str, ...],
-    data: bytes,
+    data: MessageFile,
     carried: Carried,
     timeout: float,
     cache: ConnectionCache | None,
@@ -369,7 +381,7 @@ async def deliver(
     helo: str,
     sender: str,
     recipients: tuple[str, ...],
-    data: bytes,
+    data: MessageFile,
     carried: Carried | None = None,
     timeout: float = 60.0,
     cache: ConnectionCache | None = None,

@@ -25,6 +25,7 @@ from typing import Any, Protocol, TextIO
 import structlog
 
 from smtprelay.config import Logging, split_hostport
+from smtprelay.metrics import METRICS
 
 _SEVERITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 _FACILITY_MAIL = 2
@@ -115,9 +116,19 @@ class DayFileSink:
         today = dt.datetime.fromtimestamp(now, dt.UTC).date()
         with self._lock:
             handle = self._handle if self._day == today and self._handle else self._open(today)
-            handle.write(_json(event) + "\n")
-            handle.flush()
-            os.utime(handle.fileno(), (now, now))
+            try:
+                handle.write(_json(event) + "\n")
+                handle.flush()
+                os.utime(handle.fileno(), (now, now))
+            except OSError:
+                self._discard()  # drop what is buffered: memory stays bounded on a full disk
+                raise
+
+    def _discard(self) -> None:
+        handle, self._handle, self._day = self._handle, None, None
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()
 
     def close(self) -> None:
         with self._lock:
@@ -219,12 +230,21 @@ class _Router:
     ) -> MutableMapping[str, Any]:
         channel = event.pop("_channel", "system")
         if channel == "system":
-            self.stdout.write(event)
+            _write(self.stdout, event)
             if self.mail is not None and self.mail is not self.stdout:
-                self.mail.write(event)
+                _write(self.mail, event)
         elif self.mail is not None and (channel == "mail" or self.debug):
-            self.mail.write(event)
+            _write(self.mail, event)
         raise structlog.DropEvent
+
+
+def _write(sink: Sink, event: MutableMapping[str, Any]) -> None:
+    """Logging never fails a transaction: a line a full or failing volume (or a closed
+    stdout) cannot take is dropped and counted."""
+    try:
+        sink.write(event)
+    except Exception:
+        METRICS.log_dropped.inc()
 
 
 _ROUTER = _Router()

@@ -92,6 +92,16 @@ class _Metrics:
             registry=r,
         )
         self.queue_size = Gauge("smtprelay_queue_messages", "Messages in the spool.", registry=r)
+        self.corrupt = Gauge(
+            "smtprelay_spool_corrupt_files",
+            "Files set aside in the spool's corrupt/ directory (unreadable or not the relay's).",
+            registry=r,
+        )
+        self.log_dropped = Counter(
+            "smtprelay_log_lines_dropped",
+            "Log lines a mail log target could not write (a full or failing volume).",
+            registry=r,
+        )
         self.oldest = Gauge(
             "smtprelay_queue_oldest_message_age_seconds",
             "Age of the oldest message in the spool.",

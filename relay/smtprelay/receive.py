@@ -18,21 +18,24 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
+from smtprelay.addresses import address_problem, canonical, helo_problem, local_part_problem
 from smtprelay.auth import FailureLimiter, Users
+from smtprelay.bodystream import BodyDecoder
 from smtprelay.config import MailSettings
+from smtprelay.dataphase import StreamingData
 from smtprelay.esmtp import (
     EsmtpParameters,
-    ascii_form,
     message_options,
     recipient_options,
     utf8_problem,
 )
-from smtprelay.logs import debug_enabled, mail_log
+from smtprelay.logs import debug_enabled, mail_log, system_log
 from smtprelay.metrics import METRICS
-from smtprelay.spool import Spool
+from smtprelay.spool import Draft, Spool
 from smtprelay.transcript import mask_auth, record
 
 MAX_HOPS = 50
@@ -42,12 +45,13 @@ MAX_RECIPIENTS = 1000
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 AUTH_BLOCKED = "421 4.7.0 Too many failed authentications from your address, try again later"
 AUTH_NOT_OFFERED = "502 5.5.1 AUTH is not offered by this relay"
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors in this session, closing connection"
 
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DOMAIN = rf"({_LABEL}(\.{_LABEL})*|\[(IPv6:)?[0-9A-Fa-f:.]+\])"
-_LOCAL = r"[^@\s<>()\[\],;:\"\\]{1,64}|\"[^\"\\\r\n]{1,62}\""
-ADDRESS = re.compile(rf"^({_LOCAL})@{_DOMAIN}$")
-BARE_USER = re.compile(rf"^({_LOCAL})$")
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+# aiosmtpd hangs up with a 502 after 5 unrecognised commands; limits.errorsPerSession (which
+# counts those too) decides instead, and the hang-up is a 421 as RFC 5321 §3.8 asks.
+aiosmtpd.smtp.BOGUS_LIMIT = 1_000_000
 
 # aiosmtpd's stock replies, given the enhanced status codes (RFC 3463) clients log.
 _ENHANCED = {
@@ -75,12 +79,6 @@ def client_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
-
-
-def count_hops(data: bytes) -> int:
-    """How many Received: headers the message already carries."""
-    head = re.split(rb"\r?\n\r?\n", data, maxsplit=1)[0]
-    return len(re.findall(rb"(?im)^received:", head))
 
 
 def received_header(
@@ -122,7 +120,7 @@ class _Unchecked:
     credentials: LoginPassword
 
 
-class RelaySMTP(EsmtpParameters, SMTP):
+class RelaySMTP(StreamingData, EsmtpParameters, SMTP):
     """aiosmtpd's protocol, with what a production front door adds to it.
 
     RFC 3463 status codes on its stock size and line replies; DSN, SMTPUTF8 and BODY
@@ -137,6 +135,8 @@ class RelaySMTP(EsmtpParameters, SMTP):
         *,
         users: Users | None = None,
         limiter: FailureLimiter | None = None,
+        errors_limit: int = 20,
+        data_timeout: float = 600.0,
         proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None,
         **kwargs: Any,
     ) -> None:
@@ -145,6 +145,9 @@ class RelaySMTP(EsmtpParameters, SMTP):
         self._users = users
         self._limiter = limiter or FailureLimiter()
         self._closing = False
+        self._errors = 0
+        self._errors_limit = errors_limit
+        self._data_timeout = data_timeout
         if debug_enabled():
             self._smtp_methods = {
                 name: self._transcribed(name, method) for name, method in self._smtp_methods.items()
@@ -182,6 +185,8 @@ class RelaySMTP(EsmtpParameters, SMTP):
 
     async def push(self, status: str) -> None:  # type: ignore[override]
         status = _ENHANCED.get(status, status)
+        if isinstance(status, str):  # AUTH challenges come as bytes, base64 already
+            status = _UNPRINTABLE.sub("?", status)  # replies echo what the client sent
         if status == "250-8BITMIME":  # aiosmtpd has no DSN; offer it beside 8BITMIME
             await self.push("250-DSN")
         if self._users is None and status.startswith("250-AUTH"):
@@ -189,6 +194,12 @@ class RelaySMTP(EsmtpParameters, SMTP):
         if debug_enabled():
             record("out", self.peer_text, status)
         await super().push(status)
+        if status[:1] in ("4", "5") and not status.startswith("421"):
+            self._errors += 1
+            if self._errors >= self._errors_limit:
+                METRICS.refused.labels(reason="error_limit").inc()
+                mail_log().info("disconnected", client=self._client, reason="error_limit")
+                self._hang_up(TOO_MANY_ERRORS)
 
     # --- graceful stop ----------------------------------------------------------------
 
@@ -218,6 +229,28 @@ class RelaySMTP(EsmtpParameters, SMTP):
         await super().smtp_DATA(arg)
         if self._closing:
             self._hang_up(SHUTTING_DOWN)
+
+    # --- what the client names itself ------------------------------------------------
+
+    async def _greeting_name_ok(self, verb: str, name: str | None) -> bool:
+        """EHLO/HELO names go into the Received: header: refuse any that could forge one."""
+        problem = helo_problem(name) if name else None
+        if problem is None:
+            return True
+        METRICS.refused.labels(reason="bad_helo").inc()
+        mail_log().info("refused", client=self._client, reason="bad_helo", helo=name)
+        await self.push(f"501 5.5.4 Invalid {verb} name: {problem}")
+        return False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if await self._greeting_name_ok("HELO", hostname):
+            await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if await self._greeting_name_ok("EHLO", hostname):
+            await super().smtp_EHLO(hostname)
 
     # --- AUTH -------------------------------------------------------------------------
 
@@ -252,8 +285,16 @@ class RelaySMTP(EsmtpParameters, SMTP):
         if not isinstance(pending, _Unchecked) or self._users is None:
             return result  # malformed or aborted: aiosmtpd has answered already
         user = pending.credentials.login.decode("utf-8", "replace")
-        ok = await self._users.check(user, pending.credentials.password)
         client = self._client
+        if self._limiter.blocked(client):
+            METRICS.auth.labels(outcome="blocked").inc()
+            self._hang_up(AUTH_BLOCKED)
+            return AuthResult(success=False, handled=True)
+        self._limiter.begin(client)
+        try:
+            ok = await self._users.check(user, pending.credentials.password)
+        finally:
+            self._limiter.end(client)
         mail_log().info(
             "auth",
             client=client,
@@ -307,6 +348,11 @@ class RelayHandler:
             self._networks = {id(settings): cached}  # one settings version at a time
         return cached[1]
 
+    async def handle_exception(self, error: Exception) -> str:
+        """A fault of ours is a temporary condition: 4xx, so the client retries later."""
+        system_log().error("session_error", error=f"{type(error).__name__}: {error}")
+        return "451 4.3.0 Local error in processing, try again later"
+
     async def handle_PROXY(
         self, server: SMTP, session: Session, envelope: Envelope, proxy: ProxyData
     ) -> bool:
@@ -338,6 +384,15 @@ class RelayHandler:
         )
         return reply
 
+    def _room_for(self, mail_options: list[str]) -> str | None:
+        """452 at once when the declared SIZE is more than the spool's volume has free (as
+        Postfix's queue_minfree), rather than after the client has sent it all."""
+        for option in mail_options:
+            key, _, value = option.partition("=")
+            if key.upper() == "SIZE" and value.isdigit() and int(value) >= self._spool.free_bytes():
+                return "452 4.3.1 Insufficient system storage for this message, try later"
+        return None
+
     async def handle_MAIL(
         self,
         server: SMTP,
@@ -346,17 +401,19 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if (room := self._room_for(mail_options)) is not None:
+            return self._refuse(session, "spool_full", room, sender=address)
         if address == "<>":
             address = ""  # the null reverse-path of reports (RFC 5321 §4.5.5)
         if problem := utf8_problem(address, bool(envelope.smtp_utf8)):
             return self._refuse(
                 session, "bad_sender", f"553 5.6.7 Sender address {problem}", sender=address
             )
-        if address and not ADDRESS.match(ascii_form(address)):
+        if address and (problem := address_problem(address)):
             return self._refuse(
                 session,
                 "bad_sender",
-                f"553 5.1.7 Bad sender address syntax: <{address}>",
+                f"553 5.1.7 Bad sender address: {problem}",
                 sender=address,
             )
         envelope.mail_from = address or "<>"  # aiosmtpd needs a truthy value after MAIL
@@ -390,7 +447,7 @@ class RelayHandler:
                 sender=envelope.mail_from,
                 recipient=address,
             )
-        if BARE_USER.match(address):
+        if "@" not in address and not local_part_problem(address):
             default_mail_host = self.settings(session).default_mail_host
             if default_mail_host is None:
                 return self._refuse(
@@ -401,82 +458,97 @@ class RelayHandler:
                     recipient=address,
                 )
             address = f"{address}@{default_mail_host}"
-        elif not ADDRESS.match(ascii_form(address)):
+        elif problem := address_problem(address):
             return self._refuse(
                 session,
                 "bad_recipient",
-                f"553 5.1.3 Bad recipient address syntax: <{address}>",
+                f"553 5.1.3 Bad recipient address: {problem}",
                 sender=envelope.mail_from,
                 recipient=address,
             )
+        seen: set[str] = envelope.__dict__.setdefault("smtprelay_seen", set())
+        if canonical(address) in seen:
+            return "250 2.1.5 OK (duplicate recipient, delivered once)"
+        seen.add(canonical(address))
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        data: bytes = envelope.original_content or b""
-        peer = str(client_ip(session.peer))
-        recipients = tuple(envelope.rcpt_tos)
-        sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
-        hops = count_hops(data)
-        if hops > MAX_HOPS:
-            return self._refuse(
-                session,
-                "loop",
-                f"554 5.4.6 Too many hops ({hops}): mail loop suspected",
-                sender=sender,
-                recipients=list(recipients),
-            )
+    def begin_message(self, session: Session, envelope: Envelope) -> Draft:
+        """DATA is starting: a spool draft with the envelope and our Received: header first,
+        so the body can be written to it as it arrives."""
         now = self._clock()
         queue_id = self._spool.shard.new_id(now)
+        recipients = tuple(envelope.rcpt_tos)
+        peer = str(client_ip(session.peer))
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
         if session.ssl is not None:
             protocol += "S"
         if session.authenticated:
             protocol += "A"
-        trace = received_header(
-            helo=session.host_name or "",
-            peer_ip=peer,
-            hostname=self.hostname(session),
-            protocol=protocol,
+        draft = self._spool.draft(
+            sender=_sender(envelope),
+            recipients=recipients,
+            client=peer,
             queue_id=queue_id,
-            recipient=recipients[0] if len(recipients) == 1 else "",
-            now=now,
+            options=message_options(envelope),
+            recipient_options=recipient_options(envelope),
         )
-        try:
-            stored = await self._spool.enqueue(
-                sender=sender,
-                recipients=recipients,
-                data=trace + data,
-                client=peer,
+        draft.write(
+            received_header(
+                helo=session.host_name or "",
+                peer_ip=peer,
+                hostname=self.hostname(session),
+                protocol=protocol,
                 queue_id=queue_id,
-                options=message_options(envelope),
-                recipient_options=recipient_options(envelope),
+                recipient=recipients[0] if len(recipients) == 1 else "",
+                now=now,
             )
+        )
+        return draft
+
+    async def end_message(self, session: Session, draft: Draft, body: BodyDecoder) -> str:
+        """The client sent the end of data: the reply, 250 only once the message is durable."""
+        envelope = draft.envelope
+        facts: dict[str, Any] = {"sender": envelope.sender, "recipients": list(envelope.recipients)}
+        refusal = None
+        if body.too_long:
+            refusal = ("line_too_long", "500 5.5.2 Line too long (RFC 5321 4.5.3.1.6)")
+        elif body.too_big:
+            refusal = ("too_big", "552 5.3.4 Message size exceeds the maximum allowed")
+        elif body.hops > MAX_HOPS:
+            refusal = ("loop", f"554 5.4.6 Too many hops ({body.hops}): mail loop suspected")
+        if refusal is not None:
+            draft.discard()
+            return self._refuse(session, *refusal, **facts)
+        try:
+            stored = await self._spool.commit(draft)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 return self._refuse(
                     session,
                     "spool_full",
                     "452 4.3.1 Insufficient system storage, try later",
-                    sender=sender,
-                    recipients=list(recipients),
+                    **facts,
                 )
             return self._refuse(
                 session,
                 "spool_error",
                 f"451 4.3.0 Local error in processing: {error.strerror}",
-                sender=sender,
-                recipients=list(recipients),
+                **facts,
             )
         METRICS.accepted.inc()
         mail_log().info(
             "accepted",
             queue_id=stored.id,
-            client=peer,
+            client=stored.client,
             helo=session.host_name,
-            sender=sender,
-            recipients=list(recipients),
-            size=len(data),
+            size=body.size,
+            bare_newlines=body.bare_newlines,
+            **facts,
         )
         return f"250 2.0.0 Ok: queued as {stored.id}"
+
+
+def _sender(envelope: Envelope) -> str:
+    return "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)

@@ -25,7 +25,7 @@ from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
 from smtprelay.scache import ConnectionCache
-from smtprelay.spool import Busy, Envelope, QueueState, Spool
+from smtprelay.spool import Busy, Envelope, MessageFile, QueueState, Spool
 
 
 @dataclass(frozen=True)
@@ -157,15 +157,43 @@ class Scheduler:
             raise
         except Exception as error:  # one broken message must not stop the queue
             system_log().exception("attempt_crashed", queue_id=queue_id, error=str(error))
-            if self._spool.contains(queue_id):
-                return self._clock() + self._setup().settings.delivery.queue_timer
+            return self._count_crashed(queue_id)
+
+    def _count_crashed(self, queue_id: str) -> float | None:
+        """An attempt that crashed still counts toward ``tries``; after the last one the
+        message is set aside (``corrupt/``) rather than tried forever."""
+        try:
+            if not self._spool.contains(queue_id):
+                return None
+            state = self._spool.load_state(queue_id)
+            attempts = state.attempts + 1
+            if attempts >= self._setup().settings.delivery.tries:
+                self._quarantine(queue_id, "every attempt crashed")
+                return None
+            due = self._clock() + self._setup().settings.delivery.queue_timer
+            self._spool.defer(queue_id, replace(state, attempts=attempts), due)
+        except OSError as error:
+            system_log().error("attempt_not_counted", queue_id=queue_id, error=str(error))
+            return self._clock() + self._setup().settings.delivery.queue_timer
+        return due
+
+    def _quarantine(self, queue_id: str, reason: str) -> None:
+        where = self._spool.quarantine(queue_id)
+        system_log().error("message_quarantined", queue_id=queue_id, reason=reason, path=str(where))
+
+    def _open(self, queue_id: str) -> tuple[Envelope, MessageFile] | None:
+        try:
+            return self._spool.open_message(queue_id)
+        except FileNotFoundError:
+            return None  # deleted by an administrator meanwhile
+        except (ValueError, KeyError, TypeError) as error:  # torn or foreign: never retried
+            self._quarantine(queue_id, f"unreadable: {error}")
             return None
 
     async def _attempt_unguarded(self, queue_id: str) -> float | None:
-        try:
-            envelope, data = self._spool.read(queue_id)
-        except FileNotFoundError:
-            return None  # deleted by an administrator meanwhile
+        if (opened := self._open(queue_id)) is None:
+            return None
+        envelope, data = opened
         setup = self._setup()  # this attempt's settings, whatever a reload does meanwhile
         settings = setup.settings
         state = self._spool.load_state(queue_id)
@@ -252,8 +280,9 @@ class Scheduler:
             targets.extend(Target(name=host, address=a, port=port) for a in addresses)
         if targets or not failures:
             return tuple(targets)
-        permanent = all(failure.permanent for failure in failures)
-        return ResolveFailure(permanent, failures[0].status, failures[0].reason)
+        # A relay host that does not resolve is our configuration's fault, not the
+        # recipient's: defer, never bounce.
+        return ResolveFailure(False, "4" + failures[0].status[1:], failures[0].reason)
 
     async def _attempt_route(
         self,
@@ -261,7 +290,28 @@ class Scheduler:
         route: Route,
         recipients: tuple[str, ...],
         envelope: Envelope,
-        data: bytes,
+        data: MessageFile,
+    ) -> dict[str, Result]:
+        """Whatever goes wrong on one route becomes its recipients' outcome, counted toward
+        ``tries``; the other routes' outcomes in the same attempt are kept."""
+        try:
+            return await self._try_route(setup, route, recipients, envelope, data)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            system_log().exception(
+                "route_crashed", queue_id=envelope.id, destination=route.name, error=str(error)
+            )
+            reason = f"4.3.0 local error in delivery: {type(error).__name__}: {error}"
+            return dict.fromkeys(recipients, Result("deferred", 451, reason))
+
+    async def _try_route(
+        self,
+        setup: Setup,
+        route: Route,
+        recipients: tuple[str, ...],
+        envelope: Envelope,
+        data: MessageFile,
     ) -> dict[str, Result]:
         targets = await self._targets(setup.resolver, route)
         if isinstance(targets, ResolveFailure):
@@ -306,7 +356,11 @@ class Scheduler:
         return bool(after) and not state.warned and now - envelope.received >= after
 
     async def _return_to_sender(
-        self, hostname: str, envelope: Envelope, data: bytes, failures: list[bounce.Failure]
+        self,
+        hostname: str,
+        envelope: Envelope,
+        data: MessageFile,
+        failures: list[bounce.Failure],
     ) -> None:
         kind = {"delayed": "DELAY", "relayed": "SUCCESS"}.get(failures[0].action, "FAILURE")
         unwanted = [f for f in failures if not envelope.options_of(f.recipient).wants(kind)]
@@ -327,12 +381,12 @@ class Scheduler:
                 replace(f, original_recipient=envelope.options_of(f.recipient).orcpt)
                 for f in failures
             ],
-            headers=bounce.original_headers(data),
+            headers=bounce.original_headers(data.head()),
             hostname=hostname,
             arrival=envelope.received,
             now=self._clock(),
             envid=envelope.options.envid,
-            full=data if envelope.options.ret == "FULL" else None,
+            full=_returnable(data) if envelope.options.ret == "FULL" else None,
         )
         returned = await self._spool.enqueue(
             sender="",
@@ -375,3 +429,12 @@ class Scheduler:
             reply=f"{result.code} {result.text}",
             outcome=outcome,
         )
+
+
+RETURN_LIMIT = 1024 * 1024  # RET=FULL returns messages up to this size; larger: headers only
+
+
+def _returnable(data: MessageFile) -> bytes | None:
+    """The whole message for a RET=FULL report, when small enough to build one in memory
+    (as Postfix's bounce_size_limit; RFC 3461 §4.3 allows returning headers only)."""
+    return data.head(RETURN_LIMIT) if data.size <= RETURN_LIMIT else None

@@ -13,6 +13,7 @@ the client's to retry, and an attempt cut off is tried again after the restart.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -20,17 +21,17 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from smtprelay import current, logs, reload
 from smtprelay.auth import FailureLimiter, Users, UsersFileError
-from smtprelay.config import RelayConfig, split_hostport
+from smtprelay.config import Limits, RelayConfig, split_hostport
 from smtprelay.logs import system_log
 from smtprelay.metrics import METRICS, serve_http
-from smtprelay.receive import Network, RelayHandler, RelaySMTP, parse_networks
+from smtprelay.receive import Network, RelayHandler, RelaySMTP, client_ip, parse_networks
 from smtprelay.reload import Live
 from smtprelay.schedule import Scheduler, Setup
-from smtprelay.spool import PID_FILE, Shard, Spool
+from smtprelay.spool import PID_FILE, Shard, Spool, SpoolInUse
 from smtprelay.tlsreload import ReloadingContext
 
 SESSION_GRACE = 20.0
@@ -38,31 +39,70 @@ DELIVERY_GRACE = 20.0
 TERMINATION_GRACE = 30.0  # the operator's terminationGracePeriodSeconds
 
 
-class _Sessions:
-    """The SMTP sessions open now, so shutdown can tell them and wait for them."""
+SESSIONS_FULL = "421 4.3.2 Too many sessions, try again later"
+CLIENT_FULL = "421 4.7.0 Too many sessions from your address, try again later"
 
-    def __init__(self) -> None:
+
+class _Sessions:
+    """The SMTP sessions open now, so shutdown can tell them and wait for them, and
+    ``limits.sessions`` / ``limits.sessionsPerClient`` can bound them."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
         self.open: set[RelaySMTP] = set()
+        self.limits = limits or Limits()
+        self._per_client: collections.Counter[str] = collections.Counter()
+
+    def admit(self, session: RelaySMTP, client: str) -> str | None:
+        """Take ``session`` in, or return the 421 it gets instead."""
+        if len(self.open) >= self.limits.sessions:
+            return SESSIONS_FULL
+        if self._per_client[client] >= self.limits.sessions_per_client:
+            return CLIENT_FULL
+        self.open.add(session)
+        self._per_client[client] += 1
+        return None
+
+    def leave(self, session: RelaySMTP, client: str) -> bool:
+        if session not in self.open:
+            return False
+        self.open.discard(session)
+        self._per_client[client] -= 1
+        if self._per_client[client] <= 0:
+            del self._per_client[client]
+        return True
 
 
 class _TrackedSMTP(RelaySMTP):
     def __init__(self, *args: Any, sessions: _Sessions, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._sessions = sessions
+        self._peer_ip = ""
+        self._turned_away = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self not in self._sessions.open  # STARTTLS calls this again for the session
-        if first:
-            self._sessions.open.add(self)
+        if self._peer_ip == "":  # STARTTLS calls this again for the same session
+            self._peer_ip = str(client_ip(transport.get_extra_info("peername")))
+            refusal = self._sessions.admit(self, self._peer_ip)
+            if refusal is not None:
+                self._turned_away = True
+                METRICS.refused.labels(reason="session_limit").inc()
+                # uvloop's transports write without subclassing asyncio.WriteTransport
+                cast(asyncio.WriteTransport, transport).write(refusal.encode() + b"\r\n")
+                transport.close()
+                return
             METRICS.connections.inc()
             METRICS.connections_open.inc()
+            first = True
+        else:
+            first = False
         super().connection_made(transport)
         if first and self.session is not None:
             self.event_handler.settings(self.session)  # the session's settings, from now on
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self in self._sessions.open:
-            self._sessions.open.discard(self)
+        if self._turned_away:
+            return  # never a session: aiosmtpd saw nothing of it
+        if self._sessions.leave(self, self._peer_ip):
             METRICS.connections_open.dec()
         super().connection_lost(error)
 
@@ -137,7 +177,13 @@ async def run(
     hostname = config.hostname or socket.getfqdn()
     logs.configure(config.logging, spool_dir=config.spool_dir, hostname=hostname)
     log = system_log()
+    lock = None
     try:
+        if listener is None:  # alone; a worker runs under its supervisor's lock
+            try:
+                lock = Spool(config.spool_dir).lock_exclusively()
+            except SpoolInUse as error:
+                raise StartError(str(error)) from None
         await _serve(
             config, hostname=hostname, stop=stop, listener=listener, shard=shard, source=source
         )
@@ -145,6 +191,8 @@ async def run(
         log.error("start_failed", error=str(error))
         raise
     finally:
+        if lock is not None:
+            os.close(lock)
         logs.close()
 
 
@@ -203,7 +251,9 @@ def _session_factory(
             tls_context=tls.current() if tls is not None else None,
             auth_require_tls=True,
             enable_SMTPUTF8=True,
-            timeout=300,
+            timeout=config.limits.command_timeout,
+            data_timeout=config.limits.data_timeout,
+            errors_limit=config.limits.errors_per_session,
             proxies=proxies(config),
         )
 
@@ -262,7 +312,7 @@ async def _serve(
     recovered = scheduler.load()
     spool.subscribe(scheduler.notify)
 
-    sessions = _Sessions()
+    sessions = _Sessions(config.limits)
     server = await _listen(
         config,
         listener,
@@ -277,6 +327,7 @@ async def _serve(
     def refresh() -> None:
         METRICS.queue_size.set(scheduler.queued)
         METRICS.oldest.set(_oldest_age(spool))
+        METRICS.corrupt.set(spool.corrupt_count())
 
     http = None
     if alone:

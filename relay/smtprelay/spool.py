@@ -4,7 +4,9 @@ Layout under the spool directory::
 
     queue/<id>.eml    immutable: one JSON envelope line, then the message as received
     state/<id>.json   mutable: attempts made, when the next is due, recipients settled
+    corrupt/          files that are not the relay's or cannot be read, set aside
     smtprelay.pid     the serving process, so queue commands can nudge it
+    smtprelay.lock    flock'ed by every process of the relay serving this spool
 
 A message's queue file doubles as its lock (``flock``): the relay holds it through each
 delivery attempt and queue commands take it before they delete, bounce or reschedule, so an
@@ -24,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -36,8 +39,22 @@ from smtprelay.dsn import MailOptions, RecipientOptions
 
 _QUEUE = "queue"
 _STATE = "state"
+_CORRUPT = "corrupt"
 _SUFFIX = ".eml"
 PID_FILE = "smtprelay.pid"
+LOCK_FILE = "smtprelay.lock"
+MAX_ENVELOPE = 1024 * 1024  # 1000 recipients of 256 octets, with room
+_ID = re.compile(r"^[0-9a-f]{21}$")  # new_queue_id's shape; anything else is not ours
+
+
+def is_queue_id(name: str) -> bool:
+    return _ID.match(name) is not None
+
+
+class SpoolInUse(Exception):
+    """Another relay's processes still serve this spool."""
+
+
 WRITER_THREADS = 32
 
 
@@ -78,6 +95,30 @@ class QueueState:
     def pending(self, envelope: Envelope) -> tuple[str, ...]:
         settled = self.delivered | self.failed
         return tuple(r for r in envelope.recipients if r not in settled)
+
+
+@dataclass(frozen=True)
+class MessageFile:
+    """A spooled message, read in pieces: memory never follows its size."""
+
+    path: Path
+    offset: int
+
+    def pieces(self, size: int = 65536) -> Iterator[bytes]:
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            while piece := handle.read(size):
+                yield piece
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size - self.offset
+
+    def head(self, limit: int = 65536) -> bytes:
+        """The message's first ``limit`` octets (its header, for a report)."""
+        with self.path.open("rb") as handle:
+            handle.seek(self.offset)
+            return handle.read(limit)
 
 
 @dataclass(frozen=True)
@@ -248,6 +289,50 @@ def _decode_state(raw: bytes) -> QueueState:
     )
 
 
+class Draft:
+    """A message being received: written to a temporary file as it arrives, made durable and
+    visible by `Spool.commit`, or thrown away by `discard`. A write that fails (a full
+    volume) is remembered in ``error`` and later writes are skipped, so the session can read
+    the rest of the message and answer 4xx."""
+
+    def __init__(self, envelope: Envelope, path: Path) -> None:
+        self.envelope = envelope
+        self.path = path
+        self.tmp = path.with_name(f".tmp-{path.name}")
+        self.error: OSError | None = None
+        self.size = 0
+        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None or self.error is not None or not data:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as error:
+            self.error = error
+            self.discard()
+        self.size += len(data)
+
+    def finish(self) -> None:
+        """fsync and rename into place (in a worker thread: it waits for the disk)."""
+        assert self._fd is not None
+        try:
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
 class Spool:
     """The queue directory, with durable enqueue and crash-safe state updates."""
 
@@ -282,6 +367,11 @@ class Spool:
         """Be told the id of every message enqueued from now on."""
         self._listeners.append(listener)
 
+    def free_bytes(self) -> int:
+        """Space left on the spool's volume for an unprivileged writer."""
+        stats = os.statvfs(self.queue_dir)
+        return stats.f_bavail * stats.f_frsize
+
     def probe_writable(self) -> bool:
         """True when a file can be created and removed in the queue directory."""
         probe = self.queue_dir / f".probe-{os.getpid()}"
@@ -315,25 +405,87 @@ class Spool:
             recipient_options=recipient_options,
         )
         path = self.queue_dir / f"{envelope.id}{_SUFFIX}"
-        if self._writers is None:
-            # Writers wait in their threads for the grouped fsync: the more threads, the
-            # more messages share one; threads start only as concurrent messages need them.
-            self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="spool")
         await asyncio.get_running_loop().run_in_executor(
-            self._writers, self._store, path, [_encode_envelope(envelope), data]
+            self._writer_pool(), self._store, path, [_encode_envelope(envelope), data]
         )
         for listener in self._listeners:
             listener(envelope.id)
         return envelope
 
+    def draft(
+        self,
+        *,
+        sender: str,
+        recipients: tuple[str, ...],
+        client: str,
+        queue_id: str,
+        options: MailOptions | None = None,
+        recipient_options: tuple[RecipientOptions, ...] = (),
+    ) -> Draft:
+        """Start receiving a message: its envelope is the file's first line."""
+        envelope = Envelope(
+            id=queue_id,
+            sender=sender,
+            recipients=recipients,
+            received=self._clock(),
+            client=client,
+            options=options or MailOptions(),
+            recipient_options=recipient_options,
+        )
+        draft = Draft(envelope, self.queue_dir / f"{queue_id}{_SUFFIX}")
+        draft.write(_encode_envelope(envelope))
+        return draft
+
+    async def commit(self, draft: Draft) -> Envelope:
+        """Make a draft durable: fsync, rename and the grouped directory fsync, in one hop to
+        a writer thread, as `enqueue` does; when this returns, the message survives any
+        crash."""
+        if draft.error is not None:
+            raise draft.error
+        await asyncio.get_running_loop().run_in_executor(
+            self._writer_pool(), self._commit_draft, draft
+        )
+        for listener in self._listeners:
+            listener(draft.envelope.id)
+        return draft.envelope
+
+    def _commit_draft(self, draft: Draft) -> None:
+        try:
+            draft.finish()
+        except OSError:
+            draft.discard()
+            raise
+        try:
+            self._queue_sync.sync()
+        except OSError:
+            with contextlib.suppress(OSError):
+                draft.path.unlink()
+            raise
+
+    def _writer_pool(self) -> ThreadPoolExecutor:
+        if self._writers is None:
+            # Writers wait in their threads for the grouped fsync: the more threads, the
+            # more messages share one; threads start only as concurrent messages need them.
+            self._writers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="spool")
+        return self._writers
+
+    def open_message(self, queue_id: str) -> tuple[Envelope, MessageFile]:
+        """The envelope, and where the message is, to be read in pieces."""
+        path = self.queue_dir / f"{queue_id}{_SUFFIX}"
+        with path.open("rb") as handle:
+            envelope = _decode_envelope(handle.readline(MAX_ENVELOPE))
+            offset = handle.tell()
+        return envelope, MessageFile(path, offset)
+
     def ids(self) -> Iterator[str]:
         """Every queued message id, in arrival order."""
         names = sorted(
-            entry.name for entry in os.scandir(self.queue_dir) if entry.name.endswith(_SUFFIX)
+            entry.name
+            for entry in os.scandir(self.queue_dir)
+            if entry.name.endswith(_SUFFIX) and is_queue_id(entry.name[: -len(_SUFFIX)])
         )
         for name in names:
-            if not name.startswith("."):
-                yield name[: -len(_SUFFIX)]
+            yield name[: -len(_SUFFIX)]
 
     def scan(self) -> list[QueueEntry]:
         """Every queued message of this shard and when it is next due, in arrival order.
@@ -345,8 +497,8 @@ class Spool:
         with os.scandir(self.queue_dir) as listing:
             for entry in listing:
                 name = entry.name
-                if not name.endswith(_SUFFIX) or name.startswith("."):
-                    continue
+                if not name.endswith(_SUFFIX) or not is_queue_id(name[: -len(_SUFFIX)]):
+                    continue  # a temporary file, or a stray one remove_orphans sets aside
                 if not self.shard.owns(name[: -len(_SUFFIX)]):
                     continue  # another worker's
                 try:
@@ -476,14 +628,65 @@ class Spool:
             if release and (fd := self._held.pop(queue_id, None)) is not None:
                 os.close(fd)
 
+    @property
+    def corrupt_dir(self) -> Path:
+        return self.root / _CORRUPT
+
+    def quarantine(self, queue_id: str) -> Path:
+        """Set an unreadable message aside in ``corrupt/`` (kept for an administrator, never
+        tried again); returns where it went."""
+        return self._set_aside(self.queue_dir / f"{queue_id}{_SUFFIX}", remove_state=queue_id)
+
+    def _set_aside(self, path: Path, *, remove_state: str = "") -> Path:
+        self.corrupt_dir.mkdir(exist_ok=True)
+        target = self.corrupt_dir / path.name
+        if target.exists():
+            target = target.with_name(f"{path.name}.{secrets.token_hex(4)}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(path, target)
+        if remove_state:
+            with contextlib.suppress(FileNotFoundError):
+                (self.state_dir / f"{remove_state}.json").unlink()
+        return target
+
+    def corrupt_count(self) -> int:
+        """Files set aside in ``corrupt/`` (a gauge: an administrator should look)."""
+        try:
+            with os.scandir(self.corrupt_dir) as listing:
+                return sum(1 for _ in listing)
+        except FileNotFoundError:
+            return 0
+
+    def lock_exclusively(self) -> int:
+        """Take the spool for this relay: returns the locked descriptor, which worker
+        processes inherit, so the lock holds while any of them lives. Raises `SpoolInUse`
+        when another relay's processes hold it."""
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolInUse(
+                f"{self.root} is in use by another relay's processes; stop them first"
+            ) from None
+        return fd
+
     def remove_orphans(self) -> int:
-        """Delete temporary files and state files left by a crash; returns how many."""
+        """Delete temporary files and state files left by a crash, and set aside files that
+        are not the relay's (``backup.eml``, an editor's leftover); returns how many."""
         removed = 0
         for directory in (self.queue_dir, self.state_dir):
             for entry in os.scandir(directory):
                 if entry.name.startswith(".tmp-"):
                     Path(entry.path).unlink(missing_ok=True)
                     removed += 1
+        for entry in os.scandir(self.queue_dir):
+            name = entry.name
+            if name.startswith((".tmp-", ".probe-")):
+                continue
+            if not (name.endswith(_SUFFIX) and is_queue_id(name[: -len(_SUFFIX)])):
+                self._set_aside(Path(entry.path))
+                removed += 1
         for entry in os.scandir(self.state_dir):
             qid = entry.name.removesuffix(".json")
             if not self.contains(qid):

@@ -16,6 +16,8 @@ import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
 from smtprelay.logs import debug_enabled, transcript_log
+from smtprelay.sendbody import send_body
+from smtprelay.spool import MessageFile
 
 MASK = "********"
 _AUTH_ARGUMENT = re.compile(r"^(AUTH\s+\S+\s+)\S.*$", re.IGNORECASE | re.DOTALL)
@@ -88,6 +90,19 @@ class TranscribingSMTP(aiosmtplib.SMTP):
         record("send", self._peer, f"DATA ({len(message)} bytes)")
         try:
             response = await super().data(message, **kwargs)
+        except aiosmtplib.SMTPResponseException as error:
+            record("recv", self._peer, f"{error.code} {error.message}")
+            raise
+        self._reply(response)
+        return response
+
+    async def send_file(self, message: MessageFile, *, timeout: float | None) -> SMTPResponse:
+        """DATA with the message streamed from the spool (see :mod:`smtprelay.sendbody`)."""
+        if not debug_enabled():
+            return await send_body(self, message.pieces(), timeout=timeout)
+        record("send", self._peer, f"DATA ({message.size} bytes)")
+        try:
+            response = await send_body(self, message.pieces(), timeout=timeout)
         except aiosmtplib.SMTPResponseException as error:
             record("recv", self._peer, f"{error.code} {error.message}")
             raise

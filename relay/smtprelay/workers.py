@@ -8,13 +8,16 @@ spool stays one directory: each worker schedules the messages whose id falls in 
 tried by two workers and a restart with another count shares the queue out anew.
 
 A worker that dies takes the relay down (exit 1) rather than leaving a shard unserved: the
-kubelet restarts the pod, and the spool makes that lossless.
+kubelet restarts the pod, and the spool makes that lossless. A supervisor that dies takes its
+workers with it (the kernel's parent-death signal), and the spool's lock file, held by every
+process of one relay, keeps a second relay from serving the same spool.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import math
 import os
 import shutil
@@ -31,7 +34,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from smtprelay import current, logs, metrics, reload, service
 from smtprelay.config import RelayConfig, split_hostport
 from smtprelay.logs import system_log
-from smtprelay.spool import PID_FILE, Shard, Spool
+from smtprelay.spool import PID_FILE, Shard, Spool, SpoolInUse
 
 _T = TypeVar("_T")
 
@@ -105,6 +108,19 @@ def _listen(config: RelayConfig) -> socket.socket:
     return socket.create_server((host, port), family=family, backlog=1024)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when its supervisor dies, however it dies (SIGKILL included): the
+    kernel's parent-death signal, and a check for a parent that died before it was set."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _fork_worker(
     config: RelayConfig,
     listener: socket.socket,
@@ -112,11 +128,13 @@ def _fork_worker(
     stats: Path,
     source: reload.Source | None,
 ) -> int:
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
+        _die_with(parent)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         metrics.enable_multiprocess(stats)
         run_loop(service.run(config, listener=listener, shard=shard, source=source))
@@ -129,8 +147,13 @@ def _fork_worker(
 
 def _supervise(config: RelayConfig, count: int, source: reload.Source | None) -> int:
     # Everything that must not be shared is done before forking, with no threads running.
-    listener = _listen(config)
     spool = Spool(config.spool_dir)
+    try:
+        lock = spool.lock_exclusively()  # inherited by the workers: held while any lives
+    except SpoolInUse as error:
+        system_log().error("start_failed", error=str(error))
+        return 1
+    listener = _listen(config)
     spool.remove_orphans()
     stats = Path(tempfile.mkdtemp(prefix="smtprelay-metrics-"))
     children = {
@@ -146,6 +169,7 @@ def _supervise(config: RelayConfig, count: int, source: reload.Source | None) ->
     finally:
         listener.close()
         shutil.rmtree(stats, ignore_errors=True)
+        os.close(lock)
 
 
 class _QueueGauges:
@@ -163,7 +187,14 @@ class _QueueGauges:
             registry=self.registry,
         )
 
+        self._corrupt = Gauge(
+            "smtprelay_spool_corrupt_files",
+            "Files set aside in the spool's corrupt/ directory (unreadable or not the relay's).",
+            registry=self.registry,
+        )
+
     def refresh(self) -> None:
+        self._corrupt.set(self._spool.corrupt_count())
         ids = list(self._spool.ids())
         self._size.set(len(ids))
         self._oldest.set(max(0.0, time.time() - int(ids[0][:11], 16) / 1000) if ids else 0.0)

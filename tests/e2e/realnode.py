@@ -32,7 +32,7 @@ def build_before_tests(session: pytest.Session) -> None:
             session.config.stash[_BUILD_ERROR] = error
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def real_cluster(pytestconfig: pytest.Config) -> Iterator[devcluster.Cluster]:
     """Control plane + containerd/kubelet/kube-proxy node + provisioner + the relay image."""
     failed = pytestconfig.stash.get(_BUILD_ERROR, None)
@@ -46,7 +46,7 @@ def real_cluster(pytestconfig: pytest.Config) -> Iterator[devcluster.Cluster]:
         assert problems == [], f"the node left the host changed: {problems}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def operator_release(real_cluster: devcluster.Cluster) -> Iterator[str]:
     """The chart installed with its defaults: the operator pod runs the image just built."""
     result = deploy.install_chart(real_cluster.plane)

@@ -55,7 +55,7 @@ def start_relay(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
 
     def start(config: dict[str, Any], name: str = "relay", **options: Any) -> Relay:
         workdir = tmp_path / name
-        workdir.mkdir()
+        workdir.mkdir(exist_ok=True)  # a test may lay out a spool before the start
         relay = Relay(workdir, config, **options)
         relays.append(relay)
         return relay

@@ -101,8 +101,15 @@ class TestPassedOn:
             ["RET=HDRS", "ENVID=Q1-AbC+2Bz"],
             [("bob@x.test", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;Bob@X.test"])],
         )
-        [dump] = wait_for(lambda: [p for p in dumps.iterdir() if p.name.startswith("msg.")])
-        text = dump.read_text(errors="replace")
+
+        def dumped() -> str:
+            """The dump once smtp-sink has written it all (it is created first, then filled)."""
+            files = [
+                p.read_text(errors="replace") for p in dumps.iterdir() if p.name.startswith("msg.")
+            ]
+            return files[0] if len(files) == 1 and "X-Rcpt-Args" in files[0] else ""
+
+        text = wait_for(dumped, what="smtp-sink's dump of the transaction")
         assert "X-Mail-Args: <alice@sender.test> RET=HDRS ENVID=Q1-AbC+2Bz" in text
         assert "X-Rcpt-Args: <bob@x.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Bob@X.test" in text
         wait_for(lambda: relay.queued() == [], what="the spool to empty")

@@ -1,0 +1,122 @@
+"""limits.*: what one client, and all together, may take of the relay."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from smtprelay.auth import FailureLimiter
+
+from tests.peers import Relay, wait_for
+from tests.reliability.wire import Wire
+
+Start = Callable[..., Any]
+
+
+def _closed(sock: socket.socket) -> bool:
+    """True once the relay has closed the connection (EOF or reset)."""
+    sock.settimeout(0.2)
+    try:
+        return sock.recv(65536) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def _greeting(port: int) -> bytes:
+    with Wire(port) as wire:
+        return wire.greeting
+
+
+class TestErrors:
+    def test_a_client_that_collects_refusals_is_disconnected(self, start_relay: Start) -> None:
+        """A client outside allowedNetworks gets 20 refusals, then 421 and the door."""
+        relay: Relay = start_relay({"allowedNetworks": ["127.0.0.1/32"]})
+        with Wire(relay.port, source="127.0.0.55") as wire:
+            wire.command(b"EHLO client.test")
+            wire.command(b"MAIL FROM:<alice@sender.test>")
+            replies = [wire.command(b"RCPT TO:<bob@example.test>") for _ in range(20)]
+            assert all(reply.startswith(b"554 5.7.1") for reply in replies)
+            assert wire.reply().startswith(b"421 4.7.0")
+            assert wait_for(lambda: _closed(wire.sock), what="the disconnect")
+        assert len(relay.events("refused")) == 20
+
+
+class TestSessions:
+    def test_sessions_per_client_and_in_total_are_bounded(self, start_relay: Start) -> None:
+        """The third session from one address gets 421; so does the fourth in total."""
+        relay: Relay = start_relay({"limits": {"sessions": 3, "sessionsPerClient": 2}})
+        first, second = Wire(relay.port), Wire(relay.port)
+        assert first.greeting.startswith(b"220")
+        assert second.greeting.startswith(b"220")
+        with Wire(relay.port) as third:
+            assert third.greeting.startswith(b"421 4.7.0")
+        with Wire(relay.port, source="127.0.0.2") as other:
+            assert other.greeting.startswith(b"220")
+            with Wire(relay.port, source="127.0.0.3") as fourth:
+                assert fourth.greeting.startswith(b"421 4.3.2")
+        first.close()
+        wait_for(lambda: Wire(relay.port).greeting.startswith(b"220"), what="a freed session slot")
+        second.close()
+
+
+class TestTimeouts:
+    def test_a_slow_command_cannot_stretch_the_command_timeout(self, start_relay: Start) -> None:
+        """A byte every half second never completes a command; the relay hangs up after
+        commandTimeout all the same."""
+        relay: Relay = start_relay({"limits": {"commandTimeout": "2s"}})
+        with Wire(relay.port) as wire:
+            began = time.monotonic()
+            closed = False
+            for byte in b"EHLO " + b"x" * 40:
+                try:
+                    wire.send(bytes([byte]))
+                except OSError:
+                    closed = True
+                    break
+                if _closed(wire.sock):
+                    closed = True
+                    break
+                time.sleep(0.3)
+            assert closed
+            assert 1.5 < time.monotonic() - began < 8
+
+    def test_a_slow_message_cannot_stretch_the_data_timeout(self, start_relay: Start) -> None:
+        """Body lines trickled after 354 are cut off at dataTimeout; nothing is queued."""
+        relay: Relay = start_relay({"limits": {"dataTimeout": "2s"}})
+        with Wire(relay.port) as wire:
+            wire.command(b"EHLO client.test")
+            wire.command(b"MAIL FROM:<alice@sender.test>")
+            wire.command(b"RCPT TO:<bob@example.test>")
+            assert wire.command(b"DATA").startswith(b"354")
+            began = time.monotonic()
+            closed = False
+            while time.monotonic() - began < 10:
+                try:
+                    wire.send(b"a line\r\n")
+                except OSError:
+                    closed = True
+                    break
+                if _closed(wire.sock):
+                    closed = True
+                    break
+                time.sleep(0.2)
+            assert closed
+            assert time.monotonic() - began < 6
+        assert relay.queued() == []
+
+
+class TestAuthLimiter:
+    def test_checks_in_flight_count_toward_the_limit(self) -> None:
+        """Five password checks running at once for one address block a sixth."""
+        limiter = FailureLimiter(limit=5)
+        for _ in range(5):
+            assert not limiter.blocked("192.0.2.1")
+            limiter.begin("192.0.2.1")
+        assert limiter.blocked("192.0.2.1")
+        assert not limiter.blocked("192.0.2.2")
+        limiter.end("192.0.2.1")
+        assert not limiter.blocked("192.0.2.1")
