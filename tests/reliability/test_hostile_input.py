@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from smtprelay.logs import StreamSink
 
 from tests.peers import Relay, Sink, Zone, wait_for
 from tests.relay.mail import message, send
@@ -149,3 +151,17 @@ class TestLogs:
         for line in relay.log_text().splitlines():
             if line.startswith("{"):
                 assert json.loads(line)["event"] != "accepted"
+
+    def test_a_terminal_sees_control_characters_escaped(self) -> None:
+        """The human-friendly rendering on a TTY (structlog's, repr of values) escapes CR, LF
+        and ESC from clients, as the JSON lines do."""
+
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        screen = Terminal()
+        StreamSink(screen).write({"event": "refused", "helo": "evil\r\nX-Forged: 1\x1b[2J"})
+        assert screen.getvalue().count("\n") == 1
+        assert "\x1b" not in screen.getvalue()
+        assert "X-Forged" in screen.getvalue()  # shown, as one escaped value
