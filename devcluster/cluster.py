@@ -11,19 +11,23 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 from devcluster import build, controlplane, hostnet, image, node, nodebuild
 from devcluster.cache import cache_root
 from devcluster.controlplane import ControlPlane, StartError
 
 _PROVISIONER = "provisioner"
+_HELD: list[IO[str]] = []
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -46,6 +50,7 @@ class Cluster:
         problems = hostnet.HostChanges.load(self.host_state).restore()
         if not problems:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        _release()
         return problems
 
     def save_state(self, path: Path) -> None:
@@ -106,8 +111,47 @@ def ensure_built() -> tuple[Path, nodebuild.NodeBinaries, image.Image]:
         return bin_dir, binaries, relay_image.result()
 
 
+def _one_node_at_a_time(timeout: float = 900.0) -> None:
+    """The node IP, bridge and iptables rules exist once per machine: a second session
+    (another pytest run, a demo) waits here until the first has stopped and restored."""
+    path = cache_root() / "node.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.open("w")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise StartError(f"another local cluster held {path} for {timeout:.0f}s") from None
+            time.sleep(1)  # polling a lock another process holds; bounded by the deadline
+            continue
+        if (
+            node.NODE_IP
+            not in subprocess.run(
+                ["ip", "-4", "addr", "show", "dev", "lo"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout
+        ):
+            _HELD.append(lock)  # held for this process's life; stop() releases it
+            return
+        # Held by nobody, yet a node is up: `python -m devcluster up` left one running.
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        if time.monotonic() >= deadline:
+            raise StartError(f"{node.NODE_IP} is on lo: run `python -m devcluster down`")
+        time.sleep(1)
+
+
+def _release() -> None:
+    while _HELD:
+        _HELD.pop().close()
+
+
 def start(*, run_dir: Path | None = None) -> Cluster:
     bin_dir, binaries, relay_image = ensure_built()
+    _one_node_at_a_time()
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="smtprelay-cluster-"))
     changes = hostnet.HostChanges(
         address=node.NODE_IP,
@@ -120,6 +164,7 @@ def start(*, run_dir: Path | None = None) -> Cluster:
     changes.save(state)
     started = time.monotonic()
     with contextlib.ExitStack() as undo:
+        undo.callback(_release)
         undo.callback(lambda: _restore(changes, state))
         changes.add_address()
         changes.save(state)
