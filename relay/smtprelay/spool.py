@@ -44,6 +44,7 @@ _SUFFIX = ".eml"
 PID_FILE = "smtprelay.pid"
 LOCK_FILE = "smtprelay.lock"
 MAX_ENVELOPE = 1024 * 1024  # 1000 recipients of 256 octets, with room
+MAX_STATE = 1024 * 1024  # as many settled recipients
 _ID = re.compile(r"^[0-9a-f]{21}$")  # new_queue_id's shape; anything else is not ours
 
 
@@ -268,6 +269,19 @@ def _encode_envelope(envelope: Envelope) -> bytes:
     return json.dumps(header, separators=(",", ":")).encode() + b"\n"
 
 
+def _envelope_line(fd: int) -> tuple[bytes, int]:
+    """A queue file's first line (its envelope, up to `MAX_ENVELOPE` octets) and the offset
+    of the message after it, read with ``pread`` from the start whatever the offset."""
+    head = os.pread(fd, 4096, 0)
+    while b"\n" not in head and len(head) < MAX_ENVELOPE:  # an envelope of many recipients
+        more = os.pread(fd, 65536, len(head))
+        if not more:
+            break
+        head += more
+    line, newline, _ = head.partition(b"\n")
+    return line, len(line) + len(newline)
+
+
 def _decode_envelope(line: bytes) -> Envelope:
     header = json.loads(line)
     return Envelope(
@@ -486,12 +500,17 @@ class Spool:
         return self._writers
 
     def open_message(self, queue_id: str) -> tuple[Envelope, MessageFile]:
-        """The envelope, and where the message is, to be read in pieces."""
-        path = self.queue_dir / f"{queue_id}{_SUFFIX}"
-        with path.open("rb") as handle:
-            envelope = _decode_envelope(handle.readline(MAX_ENVELOPE))
-            offset = handle.tell()
-        return envelope, MessageFile(path, offset)
+        """The envelope, and where the message is, to be read in pieces. A message this
+        process holds (`locked`) is read through the descriptor it holds."""
+        path = f"{self._queue_path}/{queue_id}{_SUFFIX}"
+        held = self._held.get(queue_id)
+        fd = os.open(path, os.O_RDONLY) if held is None else held
+        try:
+            line, offset = _envelope_line(fd)
+        finally:
+            if held is None:
+                os.close(fd)
+        return _decode_envelope(line), MessageFile(Path(path), offset)
 
     def names(self) -> Iterator[str]:
         """Every queued message id, in directory order: one listing, nothing kept."""
@@ -554,10 +573,10 @@ class Spool:
         self.set_due(queue_id, due)
 
     def set_due(self, queue_id: str, due: float) -> None:
-        os.utime(self.queue_dir / f"{queue_id}{_SUFFIX}", (due, due))
+        os.utime(f"{self._queue_path}/{queue_id}{_SUFFIX}", (due, due))
 
     def contains(self, queue_id: str) -> bool:
-        return (self.queue_dir / f"{queue_id}{_SUFFIX}").exists()
+        return os.path.exists(f"{self._queue_path}/{queue_id}{_SUFFIX}")
 
     def read(self, queue_id: str) -> tuple[Envelope, bytes]:
         """The envelope and the message as it was accepted."""
@@ -569,13 +588,7 @@ class Spool:
         """The envelope and the queue file's size, reading only the file's head."""
         fd = os.open(f"{self._queue_path}/{queue_id}{_SUFFIX}", os.O_RDONLY)
         try:
-            head = os.read(fd, 4096)
-            while b"\n" not in head:  # an envelope of many recipients
-                more = os.read(fd, 65536)
-                if not more:
-                    break
-                head += more
-            return _decode_envelope(head.partition(b"\n")[0]), os.fstat(fd).st_size
+            return _decode_envelope(_envelope_line(fd)[0]), os.fstat(fd).st_size
         finally:
             os.close(fd)
 
@@ -584,16 +597,17 @@ class Spool:
         with os.scandir(self.state_dir) as listing:
             return {entry.name[:-5] for entry in listing if entry.name.endswith(".json")}
 
-    def read_envelope(self, queue_id: str) -> Envelope:
-        with (self.queue_dir / f"{queue_id}{_SUFFIX}").open("rb") as handle:
-            return _decode_envelope(handle.readline())
-
     def load_state(self, queue_id: str) -> QueueState:
         """The saved state; a missing or torn state file means nothing was recorded yet."""
         try:
             fd = os.open(f"{self._state_path}/{queue_id}.json", os.O_RDONLY)
             try:
-                raw = os.read(fd, 1 << 20)
+                # a small read first: os.read(fd, 1 MiB) would allocate (and fault in) a
+                # MiB for every state file, ~80 us each
+                raw = piece = os.read(fd, 4096)
+                while len(piece) == 4096 and len(raw) < MAX_STATE:  # many recipients settled
+                    piece = os.read(fd, 4096)
+                    raw += piece
             finally:
                 os.close(fd)
             return _decode_state(raw)
