@@ -1,8 +1,10 @@
-"""The queue's files as the queue side reads them: listing, the due times, the state files.
+"""The queue's files as the queue side uses them: listings, due times, state files, the
+per-message lock, removal and setting aside.
 
-Layout and contracts: see spool.py. This module is what ``smtprelay queue list`` and a
-start-up scan need, and imports nothing heavier than ``json``: no asyncio, no threads, no
-envelope decoder. Writing a message (draft, enqueue, commit) is spool.py's.
+Layout and contracts: see spool.py. This module is what ``smtprelay queue list``, a start-up
+scan and the scheduler's bookkeeping need, and imports nothing heavier than ``json``: no
+asyncio, no threads, no envelope decoder. Receiving a message (draft, enqueue, commit) and
+reading its envelope are spool.py's.
 
 Every listing here holds one directory entry at a time (``os.scandir``), so memory does not
 follow the queue's length; what the scheduler keeps per message is its index (schedule.py).
@@ -132,8 +134,8 @@ def fsync_dir(path: Path) -> None:
 
 
 class QueueFiles:
-    """The spool directory's ``queue/`` and ``state/``, read and scheduled; `spool.Spool`
-    adds receiving, locking and removing."""
+    """The spool directory's ``queue/`` and ``state/`` as the queue side uses them;
+    `spool.Spool` adds receiving messages and reading their envelopes."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
