@@ -494,7 +494,7 @@ class RelayHandler:
             options=message_options(envelope),
             recipient_options=recipient_options(envelope),
         )
-        draft.write(
+        draft.add(
             received_header(
                 helo=session.host_name or "",
                 peer_ip=peer,

@@ -175,9 +175,7 @@ def _write_durably(path: Path, chunks: list[bytes], *, sync: bool = True) -> Non
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, chunk)
         if sync:
             os.fsync(fd)
     except BaseException:
@@ -289,48 +287,95 @@ def _decode_state(raw: bytes) -> QueueState:
     )
 
 
-class Draft:
-    """A message being received: written to a temporary file as it arrives, made durable and
-    visible by `Spool.commit`, or thrown away by `discard`. A write that fails (a full
-    volume) is remembered in ``error`` and later writes are skipped, so the session can read
-    the rest of the message and answer 4xx."""
+SPILL_AT = 64 * 1024  # octets a draft holds in memory before a writer thread writes them
 
-    def __init__(self, envelope: Envelope, path: Path) -> None:
+
+class Draft:
+    """A message being received, made durable and visible by `Spool.commit` or thrown away
+    by `discard`.
+
+    What arrives is gathered in memory and handed to a writer thread once ``SPILL_AT``
+    octets are waiting, so a session holds at most ``SPILL_AT`` plus one read of its body,
+    and the event loop never creates, writes or unlinks a file: on a journalling filesystem
+    any of those can wait for a journal commit, stalling every session of the worker. A
+    message smaller than ``SPILL_AT`` touches the disk once, in `Spool.commit`'s single
+    thread hop. A write that fails (a full volume) is remembered in ``error`` and later
+    writes are skipped, so the session can read the rest of the message and answer 4xx.
+    """
+
+    def __init__(self, envelope: Envelope, path: Path, writers: ThreadPoolExecutor) -> None:
         self.envelope = envelope
         self.path = path
         self.tmp = path.with_name(f".tmp-{path.name}")
         self.error: OSError | None = None
         self.size = 0
-        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        self._pending = bytearray()
+        self._fd: int | None = None
+        self._writers = writers
+        self._lock = threading.Lock()  # a spill still running when the session is aborted
+        self._discarded = False
 
-    def write(self, data: bytes) -> None:
-        if self._fd is None or self.error is not None or not data:
-            return
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except OSError as error:
-            self.error = error
-            self.discard()
+    def add(self, data: bytes) -> None:
+        """Append ``data`` in memory (the caller keeps it small; see `write`)."""
+        if self.error is None and not self._discarded:
+            self._pending += data
         self.size += len(data)
 
+    async def write(self, data: bytes) -> None:
+        """Append ``data``; once ``SPILL_AT`` octets wait, a writer thread writes them out."""
+        self.add(data)
+        if len(self._pending) >= SPILL_AT:
+            await asyncio.get_running_loop().run_in_executor(self._writers, self._spill)
+
+    def _spill(self) -> None:
+        """Write what waits to the temporary file (in a writer thread)."""
+        with self._lock:
+            pending, self._pending = self._pending, bytearray()
+            if self._discarded or self.error is not None:
+                return
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+                _write_all(self._fd, pending)
+            except OSError as error:
+                self.error = error
+                self._remove_file()
+
     def finish(self) -> None:
-        """fsync and rename into place (in a worker thread: it waits for the disk)."""
-        assert self._fd is not None
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-            self._fd = None
-        os.replace(self.tmp, self.path)
+        """Write the rest, fsync and rename into place (in a writer thread)."""
+        self._spill()
+        with self._lock:
+            if self.error is not None:
+                raise self.error
+            if self._discarded or self._fd is None:
+                raise OSError(0, "draft discarded", str(self.tmp))
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+            os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
+        """Forget the message. Only a draft that has spilled has a file to remove, and
+        aborted or refused messages are rare: that unlink may run on the event loop."""
+        with self._lock:
+            self._discarded = True
+            self._pending = bytearray()
+            self._remove_file()
+
+    def _remove_file(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        with contextlib.suppress(OSError):
-            self.tmp.unlink()
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class Spool:
@@ -432,8 +477,8 @@ class Spool:
             options=options or MailOptions(),
             recipient_options=recipient_options,
         )
-        draft = Draft(envelope, self.queue_dir / f"{queue_id}{_SUFFIX}")
-        draft.write(_encode_envelope(envelope))
+        draft = Draft(envelope, self.queue_dir / f"{queue_id}{_SUFFIX}", self._writer_pool())
+        draft.add(_encode_envelope(envelope))
         return draft
 
     async def commit(self, draft: Draft) -> Envelope:
