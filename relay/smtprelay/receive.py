@@ -478,7 +478,7 @@ class RelayHandler:
         """DATA is starting: a spool draft with the envelope and our Received: header first,
         so the body can be written to it as it arrives."""
         now = self._clock()
-        queue_id = self._spool.shard.new_id(now)
+        queue_id = self._spool.new_id(now)
         recipients = tuple(envelope.rcpt_tos)
         peer = str(client_ip(session.peer))
         protocol = "ESMTP" if session.extended_smtp else "SMTP"

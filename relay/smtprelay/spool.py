@@ -435,6 +435,8 @@ class Spool:
     ) -> None:
         self.root = root
         self.shard = shard or Shard()
+        # whose shard the ids of accepted messages fall in (another worker's: handoff.py)
+        self.accept_shard = self.shard
         self.queue_dir = root / _QUEUE
         self.state_dir = root / _STATE
         self._clock = clock
@@ -456,6 +458,10 @@ class Spool:
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
+
+    def new_id(self, now: float) -> str:
+        """An id for a message being accepted (see ``accept_shard``)."""
+        return self.accept_shard.new_id(now)
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         """Be told the id of every message enqueued from now on."""
