@@ -26,11 +26,13 @@ import contextlib
 import copy
 import json
 import math
+import os
 import re
 import statistics
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,11 +77,15 @@ class Result:
     peak_rss_mib: float = 0.0
     cpu_seconds: float = 0.0
     requests: dict[str, float] = field(default_factory=dict)  # verb -> count, operator's flow
+    own: dict[str, float] = field(default_factory=dict)  # the operator's own counters, deltas
+    cpu_by_process: dict[str, float] = field(default_factory=dict)  # until all Ready
+    flows: dict[str, float] = field(default_factory=dict)  # API requests by flow schema
     idle_relays: int = 0
     idle_seconds: float = 0.0
     idle_rss_mib: float = 0.0
     idle_cpu_seconds_per_minute: float = 0.0
     idle_requests_per_minute: float = 0.0
+    idle_own: dict[str, float] = field(default_factory=dict)
 
 
 class Tracker:
@@ -180,8 +186,41 @@ def operator_requests(text: str) -> dict[str, float]:
     return total
 
 
+def flows(text: str) -> dict[str, float]:
+    """Requests the API server dispatched, by flow schema (who sent them)."""
+    total: dict[str, float] = {}
+    pattern = re.compile(
+        r"^apiserver_flowcontrol_dispatched_requests_total\{([^}]*)\} (\S+)$", re.M
+    )
+    for match in pattern.finditer(text):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        schema = labels.get("flow_schema", "")
+        total[schema] = total.get(schema, 0.0) + float(match.group(2))
+    return total
+
+
+def _cpu(plane: ControlPlane, operator_pid: int) -> dict[str, float]:
+    """CPU seconds so far of each control-plane process, the operator and this bench."""
+    pids = {**plane.pids, "operator": operator_pid, "bench": os.getpid()}
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
 def _delta(after: dict[str, float], before: dict[str, float]) -> float:
     return sum(after.values()) - sum(before.values())
+
+
+_OWN = re.compile(r'^smtprelay_operator_(api_requests|applies)_total\{\w+="(\w+)"\} (\S+)$', re.M)
+
+
+def own_counters(url: str) -> dict[str, float]:
+    """The operator's own /metrics: its API requests by method, its applies by outcome."""
+    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 -- loopback
+        text = response.read().decode()
+    return {f"{kind} {label}": float(value) for kind, label, value in _OWN.findall(text)}
+
+
+def _deltas(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {key: value - before.get(key, 0.0) for key, value in after.items()}
 
 
 def _nodes(api_client: client.ApiClient, relays: int) -> None:
@@ -271,12 +310,16 @@ def _percentile(values: list[float], share: float) -> float:
 
 
 def converge(
-    args: argparse.Namespace, plane: ControlPlane, operator_pid: int, tracker: Tracker
+    args: argparse.Namespace, plane: ControlPlane, operator: OperatorRun, tracker: Tracker
 ) -> Result:
     result = Result(relays=args.relays)
     names = [f"relay-{index:04d}" for index in range(args.relays)]
-    before = operator_requests(_metrics(plane))
+    operator_pid = operator.pid
+    text = _metrics(plane)
+    before, flows_before = operator_requests(text), flows(text)
+    own_before = own_counters(operator.metrics_url)
     cpu_before = cpu_seconds(operator_pid)
+    processes_before = _cpu(plane, operator_pid)
     with plane.api_client() as admin, TreeSampler(operator_pid) as sampler:
         _volumes(admin, names)
         begin = time.monotonic()
@@ -296,7 +339,13 @@ def converge(
         result.latency_p50_ms = statistics.median(latencies) if latencies else 0.0
         result.latency_p99_ms = _percentile(latencies, 0.99)
         result.cpu_seconds = cpu_seconds(operator_pid) - cpu_before
-        result.requests = {"all": _delta(operator_requests(_metrics(plane)), before)}
+        result.cpu_by_process = _deltas(_cpu(plane, operator_pid), processes_before)
+        text = _metrics(plane)
+        if args.keep:  # the API server's own account, for a closer look
+            (plane.run_dir / "apiserver-metrics-after-converge.txt").write_text(text)
+        result.requests = {"all": _delta(operator_requests(text), before)}
+        result.flows = {k: v for k, v in _deltas(flows(text), flows_before).items() if v}
+        result.own = _deltas(own_counters(operator.metrics_url), own_before)
     result.peak_rss_mib = sampler.memory.peak_rss_kib / 1024
     return result
 
@@ -304,10 +353,11 @@ def converge(
 def idle(
     args: argparse.Namespace,
     plane: ControlPlane,
-    operator_pid: int,
+    operator: OperatorRun,
     tracker: Tracker,
     result: Result,
 ) -> None:
+    operator_pid = operator.pid
     extra = [f"relay-{index:04d}" for index in range(args.relays, args.idle_relays)]
     with plane.api_client() as admin:
         _volumes(admin, extra)
@@ -318,6 +368,7 @@ def idle(
     time.sleep(args.settle)  # the controllers' and kwok's last status writes die down
     result.idle_relays = len(everyone)
     before = operator_requests(_metrics(plane))
+    own_before = own_counters(operator.metrics_url)
     cpu_before = cpu_seconds(operator_pid)
     begin = time.monotonic()
     with TreeSampler(operator_pid, interval=1.0) as sampler:
@@ -329,23 +380,55 @@ def idle(
     result.idle_cpu_seconds_per_minute = (cpu_seconds(operator_pid) - cpu_before) * 60 / seconds
     requests = _delta(operator_requests(_metrics(plane)), before)
     result.idle_requests_per_minute = requests * 60 / seconds
+    result.idle_own = _deltas(own_counters(operator.metrics_url), own_before)
+
+
+@dataclass
+class OperatorRun:
+    pid: int
+    metrics_url: str
 
 
 @contextlib.contextmanager
-def running(args: argparse.Namespace) -> Iterator[tuple[ControlPlane, Operator]]:
+def running(args: argparse.Namespace) -> Iterator[tuple[ControlPlane, OperatorRun]]:
     plane = controlplane.start(bin_dir=build.ensure_built())
     operator = None
     try:
         kubeconfig = _setup(plane, max(args.relays, args.idle_relays))
         log_dir = plane.run_dir / "operator-bench"
         log_dir.mkdir(exist_ok=True)
-        operator = Operator(plane, NAMESPACE, log_dir, kubeconfig=kubeconfig)
+        # The chart's default log level: kopf's debug log (--verbose) costs CPU per event.
+        port = controlplane.free_port()
+        operator = Operator(
+            plane,
+            NAMESPACE,
+            log_dir,
+            kubeconfig=kubeconfig,
+            extra_args=("--relay-config-url=", f"--metrics-listen=127.0.0.1:{port}"),
+            verbose=False,
+        )
         operator.start()
-        yield plane, operator
+        assert operator.process is not None
+        yield plane, OperatorRun(operator.process.pid, f"http://127.0.0.1:{port}/metrics")
     finally:
         if operator is not None:
             operator.stop()
         plane.stop(keep_run_dir=args.keep)
+
+
+def _own(counters: dict[str, float], per: int) -> str:
+    """``GET 1.0, PATCH 6.0 a relay; applied 5.0, unchanged 2.0`` (per ``per`` relays)."""
+    parts = [
+        f"{key.split(' ', 1)[1]} {value / per:.1f}"
+        for key, value in sorted(counters.items())
+        if value
+    ]
+    return ", ".join(parts) or "none"
+
+
+def _listing(values: dict[str, float], form: str) -> str:
+    ordered = sorted(values.items(), key=lambda item: -item[1])
+    return ", ".join(f"{name} {form.format(value)}" for name, value in ordered)
 
 
 def summarise(args: argparse.Namespace, result: Result) -> str:
@@ -364,6 +447,9 @@ def summarise(args: argparse.Namespace, result: Result) -> str:
         ["operator peak RSS", f"{result.peak_rss_mib:.0f} MiB"],
         ["operator CPU until all Ready", f"{result.cpu_seconds:.1f} s"],
         ["operator API requests per SmtpRelay", f"{per_relay:.1f}"],
+        ["of which its reconciles' own (by method; applies)", _own(result.own, result.relays)],
+        ["CPU s until all Ready, by process", _listing(result.cpu_by_process, "{:.1f}")],
+        ["API requests until all Ready, by flow schema", _listing(result.flows, "{:.0f}")],
     ]
     if result.idle_relays:
         rows += [
@@ -373,6 +459,7 @@ def summarise(args: argparse.Namespace, result: Result) -> str:
             ],
             ["idle: operator CPU", f"{result.idle_cpu_seconds_per_minute:.2f} s a minute"],
             ["idle: operator API requests", f"{result.idle_requests_per_minute:.1f} a minute"],
+            ["idle: its reconciles' own, in the window", _own(result.idle_own, 1)],
         ]
     return "\n".join(
         [
@@ -402,14 +489,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.relays <= 2000 or not args.relays <= args.idle_relays <= 5000:
         parser.error("--relays must be 1..2000 and --idle-relays relays..5000")
     with running(args) as (plane, operator):
-        assert operator.process is not None
         tracker = Tracker(plane.api_client())
         tracker.start()
         try:
-            result = converge(args, plane, operator.process.pid, tracker)
+            result = converge(args, plane, operator, tracker)
             print(summarise(args, result), flush=True)
             if args.idle_relays > 0:
-                idle(args, plane, operator.process.pid, tracker, result)
+                idle(args, plane, operator, tracker, result)
         finally:
             tracker.stop()
     print()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -31,9 +32,28 @@ _CHILD_RESOURCES = (
     ("apps", "v1", "deployments"),
 )
 DEFAULT_RESYNC = 900.0
-DEFAULT_WORKERS = 4
+DEFAULT_WORKERS = 8
+# An unchanged child nobody touched is applied again after this share of the resync
+# interval, so the resync (0.9 to 1.1 of it after the last reconcile) re-applies all.
+REAPPLY_SHARE = 0.8
 
 RelayKey = tuple[str, str]  # (namespace, name)
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: kopf builds one (a deep copy of the body) on every event for its
+    change handlers, and this operator has none, only event handlers."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 @kopf.on.startup()
@@ -42,6 +62,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # The Events posted are the recorder's, deduplicated; kopf's own (one per log line at
     # WARNING and above, a new one for every retry) would be a storm on a stuck apply.
     settings.posting.enabled = False
+    settings.persistence.diffbase_storage = NoDiffBase()
     # Filter children on the server: watching every ConfigMap in the cluster to pick out
     # ours would make idle cost grow with everything else in the cluster.
     selector = ",".join(f"{key}={value}" for key, value in sorted(_CHILD_FILTER.items()))
@@ -51,30 +72,31 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # namespaced install (Roles only) may not do: without this it retries them for a minute.
     if getattr(memo, "namespaced", False):
         settings.scanning.disabled = True
-    kube = getattr(memo, "kube", None) or Kube(load_api_client())
+    workers = getattr(memo, "workers", DEFAULT_WORKERS)
+    resync = getattr(memo, "resync", DEFAULT_RESYNC)
+    kube = getattr(memo, "kube", None) or Kube(load_api_client(connections=workers + 2))
     memo.context = reconcile.Context(
         kube=kube,
         recorder=Recorder(kube, component=api.FIELD_MANAGER, instance=socket.gethostname()),
         defaults=memo.defaults,
         config_url=getattr(memo, "config_url", ""),
+        reapply_after=resync * REAPPLY_SHARE,
     )
     queue: WorkQueue[RelayKey] = WorkQueue(
         backoff=Backoff(base=getattr(memo, "backoff_base", 1.0), cap=300.0),
-        resync=getattr(memo, "resync", DEFAULT_RESYNC),
+        resync=resync,
     )
     memo.queue = queue
     address = getattr(memo, "metrics_listen", "")
     if address and not getattr(memo, "metrics_served", False):
         metrics.serve(address)
         memo.metrics_served = True
-    memo.workers = asyncio.create_task(
-        queue.run(_worker(memo.context, queue), workers=getattr(memo, "workers", DEFAULT_WORKERS))
-    )
+    memo.worker_task = asyncio.create_task(queue.run(_worker(memo.context, queue), workers=workers))
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    task = getattr(memo, "workers", None)
+    task = getattr(memo, "worker_task", None)
     if task is not None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -99,39 +121,36 @@ def _worker(context: reconcile.Context, queue: WorkQueue[RelayKey]) -> Any:
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-async def relay_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """A new, changed or resumed SmtpRelay; status-only changes (our own writes) are skipped."""
-    meta = body.get("metadata") or {}
-    key = (str(meta.get("namespace")), str(meta.get("name")))
-    known = body.get("status") or {}
+async def relay_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A new, changed or resumed SmtpRelay; status-only changes (our own writes) are noted
+    in the cache but queue nothing."""
+    raw = event.get("object") or {}
+    deleted = event.get("type") == "DELETED"
+    key = memo.context.relays.note(raw, deleted=deleted)
+    meta = raw.get("metadata") or {}
+    known = raw.get("status") or {}
     if event.get("type") == "MODIFIED" and known.get("observedGeneration") == meta.get(
         "generation"
     ):
         return
-    memo.queue.add(key)
+    memo.queue.add(key, urgent=True)
 
 
 @kopf.on.event(*_CHILD_RESOURCES[0], labels=_CHILD_FILTER)
 @kopf.on.event(*_CHILD_RESOURCES[1], labels=_CHILD_FILTER)
 @kopf.on.event(*_CHILD_RESOURCES[2], labels=_CHILD_FILTER)
 @kopf.on.event(*_CHILD_RESOURCES[3], labels=_CHILD_FILTER)
-async def child_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def child_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """A child changed, was deleted or rolled: its SmtpRelay is reconciled (and so repaired,
-    with backoff if the repair fails)."""
-    meta = body.get("metadata") or {}
+    with backoff if the repair fails). The echo of the operator's own apply is not news."""
+    raw = event.get("object") or {}
+    meta = raw.get("metadata") or {}
     namespace = meta.get("namespace")
     relay_name = (meta.get("labels") or {}).get(api.INSTANCE_LABEL)
-    kind = str(body.get("kind") or "")
+    kind = str(raw.get("kind") or "")
     if not namespace or not relay_name or not kind:
         return
     child = (kind, str(namespace), str(meta.get("name")))
     deleted = event.get("type") == "DELETED"
-    known, value = memo.context.seen.get(child)
-    if not deleted and known and value == (str(meta.get("resourceVersion")), _gen(meta)):
-        return  # the echo of our own apply
-    memo.context.seen.note(child, None if deleted else body)
-    memo.queue.add((str(namespace), str(relay_name)))
-
-
-def _gen(meta: Any) -> int:
-    return int(meta.get("generation") or 0)
+    if memo.context.children.watched(child, None if deleted else raw):
+        memo.queue.add((str(namespace), str(relay_name)))

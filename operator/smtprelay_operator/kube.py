@@ -13,7 +13,7 @@ from typing import Any, Final
 from kubernetes import client, config
 from kubernetes.client import ApiException
 
-from smtprelay_operator import api
+from smtprelay_operator import api, metrics
 
 Object = dict[str, Any]
 
@@ -41,9 +41,14 @@ _COLLECTIONS: Final = {
 }
 
 
-def load_api_client() -> client.ApiClient:
-    """In a pod, the ServiceAccount; elsewhere, $KUBECONFIG or ~/.kube/config."""
+def load_api_client(*, connections: int = 10) -> client.ApiClient:
+    """In a pod, the ServiceAccount; elsewhere, $KUBECONFIG or ~/.kube/config.
+
+    ``connections``: kept open to the API server, at least one per reconcile worker (the
+    client's default, 5 per CPU, would make workers wait for each other on small nodes).
+    """
     configuration = client.Configuration()
+    configuration.connection_pool_maxsize = connections
     try:
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
     except config.ConfigException:
@@ -85,6 +90,7 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
+        metrics.API_REQUESTS.labels(method=method).inc()
         response = self._client.call_api(*params, _request_timeout=self._timeout)
         response.read()  # type: ignore[no-untyped-call]
         text = bytes(response.data or b"").decode("utf-8")

@@ -18,6 +18,19 @@ DURATION = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
+APPLIES = Counter(
+    "smtprelay_operator_applies",
+    "Owned objects a reconcile looked at, by outcome: applied (a server-side apply sent) or "
+    "unchanged (applied just so before and untouched since, as the watch reports: skipped).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+API_REQUESTS = Counter(
+    "smtprelay_operator_api_requests",
+    "Requests the reconciles sent to the API server (kopf's watches aside), by HTTP method.",
+    ["method"],
+    registry=REGISTRY,
+)
 QUEUED = Gauge(
     "smtprelay_operator_queue_waiting",
     "SmtpRelays waiting for a worker now.",

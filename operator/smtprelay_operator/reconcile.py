@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
-import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,35 +24,16 @@ import yaml
 from kubernetes.client import ApiException
 from smtprelay.config import ConfigError, parse_config
 
-from smtprelay_operator import api, policy, relayconfig, render, status
+from smtprelay_operator import api, metrics, policy, relayconfig, render, status
+from smtprelay_operator.children import Children, key_of
 from smtprelay_operator.events import Involved, Recorder
 from smtprelay_operator.kube import CONFLICT, NOT_FOUND, Kube
+from smtprelay_operator.relaycache import RelayCache
 
 _log = logging.getLogger(__name__)
 _STATUS_WRITE_ATTEMPTS = 5
 
-ChildKey = tuple[str, str, str]  # (kind, namespace, name)
 Object = dict[str, Any]
-
-
-class Seen:
-    """What the watch last reported of each child: (resourceVersion, generation), or None
-    once deleted. Lets a reconcile tell a repair from a no-op without reading the child."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._children: dict[ChildKey, tuple[str, int] | None] = {}
-
-    def note(self, key: ChildKey, body: Mapping[str, Any] | None) -> None:
-        meta = (body or {}).get("metadata") or {}
-        value = None if body is None else (str(meta.get("resourceVersion")), _generation(meta))
-        with self._lock:
-            self._children[key] = value
-
-    def get(self, key: ChildKey) -> tuple[bool, tuple[str, int] | None]:
-        """(known, value): known False when the watch never mentioned the child."""
-        with self._lock:
-            return key in self._children, self._children.get(key)
 
 
 def _generation(meta: Mapping[str, Any]) -> int:
@@ -70,7 +51,11 @@ class Context:
     kube: Kube
     recorder: Recorder
     defaults: render.OperatorDefaults
-    seen: Seen = dataclasses.field(default_factory=Seen)
+    children: Children = dataclasses.field(default_factory=Children)
+    relays: RelayCache = dataclasses.field(default_factory=RelayCache)
+    reapply_after: float = 600.0
+    """An unchanged child the watch reports untouched is applied again only after this
+    long (the resync is longer, so a resync applies everything)."""
     config_url: str = ""
     """Where to ask each relay which relay.yaml it runs ({name}, {namespace} filled in);
     empty: not asked, and Ready follows the Deployment alone."""
@@ -86,10 +71,15 @@ def _api_message(error: ApiException) -> str:
         return str(error.body)
 
 
-def _validate(rendered: render.Rendered) -> str | None:
-    """The relay's own verdict on the rendered relay.yaml; None when it would start."""
+@functools.lru_cache(maxsize=256)
+def _validate(relay_yaml: str) -> str | None:
+    """The relay's own verdict on a rendered relay.yaml; None when it would start.
+
+    Kept for the last few hundred relay.yamls: every reconcile renders, most render the
+    same as the last time, and parsing is most of a no-op reconcile's CPU.
+    """
     try:
-        parse_config(yaml.safe_load(rendered.relay_yaml))
+        parse_config(yaml.safe_load(relay_yaml))
     except ConfigError as error:
         return "; ".join(error.problems)
     return None
@@ -98,17 +88,17 @@ def _validate(rendered: render.Rendered) -> str | None:
 Observe = Callable[[Mapping[str, Any]], "status.Observed | None"]
 
 
-def write_status(kube: Kube, relay: Mapping[str, Any], observe: Observe) -> dict[str, Any] | None:
-    """Compute the status from a fresh read and write it unless it is already so.
+def write_status(ctx: Context, relay: Mapping[str, Any], observe: Observe) -> dict[str, Any] | None:
+    """Compute the status from ``relay`` and write it unless it is already so.
 
-    The write is conditional on the resourceVersion read, so two writers cannot interleave
-    a stale status over a newer one; on conflict the read and computation are repeated.
+    The write is conditional on ``relay``'s resourceVersion, so two writers cannot
+    interleave a stale status over a newer one, nor can a stale ``relay`` (the watch's copy)
+    overwrite a newer status: on conflict the SmtpRelay is read afresh and the status
+    computed again.
     """
     meta = relay["metadata"]
+    current: Mapping[str, Any] | None = relay
     for _ in range(_STATUS_WRITE_ATTEMPTS):
-        current = kube.get(
-            api.API_VERSION, api.KIND, namespace=meta["namespace"], name=meta["name"]
-        )
         if current is None or current["metadata"].get("uid") != meta.get("uid"):
             return None
         observed = observe(current)
@@ -119,11 +109,15 @@ def write_status(kube: Kube, relay: Mapping[str, Any], observe: Observe) -> dict
         if all(previous.get(key) == value for key, value in new.items()):
             return new
         try:
-            kube.replace_status(current, new)
+            written = ctx.kube.replace_status(current, new)
         except ApiException as error:
             if error.status != CONFLICT:
                 raise
+            current = ctx.kube.get(
+                api.API_VERSION, api.KIND, namespace=meta["namespace"], name=meta["name"]
+            )
             continue
+        ctx.relays.replaced(current, written)
         return new
     return None
 
@@ -139,12 +133,20 @@ def _observer(
     config_hash: str,
     restart_hash: str | None,
     failure: status.Failure | None,
+    deployment: Mapping[str, Any] | None = None,
 ) -> Observe:
+    """``deployment``: what this reconcile's apply of it returned, if it applied it."""
+    fresh = deployment
+
     def observe(current: Mapping[str, Any]) -> status.Observed:
+        nonlocal fresh
         meta = current["metadata"]
-        deployment = ctx.kube.get(
-            "apps/v1", "Deployment", namespace=meta["namespace"], name=meta["name"]
-        )
+        deployment = fresh or ctx.children.deployment(meta["namespace"], meta["name"])
+        if deployment is None:
+            deployment = ctx.kube.get(
+                "apps/v1", "Deployment", namespace=meta["namespace"], name=meta["name"]
+            )
+        fresh = None  # on a conflict, what the watch says by then
         running = None
         found = failure
         if ctx.config_url and failure is None and _available(deployment):
@@ -170,37 +172,28 @@ def _observer(
     return observe
 
 
-def _key(obj: Mapping[str, Any]) -> ChildKey:
-    meta = obj["metadata"]
-    return (str(obj["kind"]), str(meta["namespace"]), str(meta["name"]))
-
-
-def _repaired(ctx: Context, before: tuple[bool, tuple[str, int] | None], after: Object) -> bool:
-    """Whether applying put back something changed or deleted outside the operator."""
-    known, value = before
-    if not known:
-        return False  # first sight (operator start): nothing to compare with
-    if value is None:
-        return True  # the watch saw it deleted
-    meta = after["metadata"]
-    if after["kind"] == "Deployment":  # status updates do not count, spec changes do
-        return _generation(meta) != value[1]
-    return str(meta.get("resourceVersion")) != value[0]
-
-
 def _apply_children(
     ctx: Context, rendered: render.Rendered, involved: Involved, *, caught_up: bool
-) -> list[str]:
+) -> tuple[list[str], Object | None]:
     """Apply the ConfigMap first and the Deployment last, and only if the ConfigMap went
-    through: a pod must never roll onto a hash whose relay.yaml is not in place."""
+    through: a pod must never roll onto a hash whose relay.yaml is not in place. A child
+    the operator applied just so and nobody has touched since is left alone.
+
+    Returns the failures and the Deployment as its apply returned it (None if not applied).
+    """
     failures: list[str] = []
     config_failed = False
+    deployment = None
     for obj in rendered.objects():
         target = f"{obj['kind']} {obj['metadata']['name']}"
         if obj["kind"] == "Deployment" and config_failed:
             failures.append(f"{target} not applied: its ConfigMap was not")
             continue
-        before = ctx.seen.get(_key(obj))
+        if ctx.children.untouched(obj, max_age=ctx.reapply_after):
+            metrics.APPLIES.labels(outcome="unchanged").inc()
+            continue
+        metrics.APPLIES.labels(outcome="applied").inc()
+        before = ctx.children.before_apply(key_of(obj))
         try:
             after = ctx.kube.apply(obj)
         except ApiException as error:
@@ -213,12 +206,15 @@ def _apply_children(
             failures.append(f"applying {target}: {error.reason}: {_api_message(error)}")
             config_failed = config_failed or obj["kind"] == "ConfigMap"
             continue
-        ctx.seen.note(_key(obj), after)
-        if caught_up and _repaired(ctx, before, after):
+        put_back = ctx.children.applied(obj, after)
+        if obj["kind"] == "Deployment":
+            deployment = after
+        known, state = before
+        if caught_up and (put_back or (known and state is None)):  # changed, or deleted
             message = f"{target} was changed or deleted outside the operator; restored it"
             _log.info("%s/%s: %s", involved.namespace, involved.name, message)
             ctx.recorder.record(involved, kind="Warning", reason="Restored", message=message)
-    return failures
+    return failures, deployment
 
 
 def _refusal(ctx: Context, namespace: str, spec: Mapping[str, Any]) -> policy.Refusal | None:
@@ -240,8 +236,11 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | float | None:
     backoff, a number of seconds to look again after (waiting for the relay to take the new
     relay.yaml), None when the SmtpRelay no longer exists.
     """
-    relay = ctx.kube.get(api.API_VERSION, api.KIND, namespace=namespace, name=name)
+    relay = ctx.relays.get(namespace, name) or ctx.kube.get(
+        api.API_VERSION, api.KIND, namespace=namespace, name=name
+    )
     if relay is None or relay["metadata"].get("deletionTimestamp"):
+        ctx.children.forget(namespace, render.child_names(name))
         return None
     meta = relay["metadata"]
     involved = Involved.of(relay)
@@ -258,7 +257,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | float | None:
     applied_hash = str(known.get("configHash") or rendered.config_hash)
     applied_restart = rendered.restart_hash
 
-    problem = _validate(rendered)
+    problem = _validate(rendered.relay_yaml)
     if problem is not None:
         failure = status.Failure(reason="InvalidConfig", message=problem, stalled=True)
         return _fail(ctx, relay, involved, generation, applied_hash, failure, settled=True)
@@ -274,7 +273,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | float | None:
         settled = refusal.reason == "ImageNotAllowed"  # only a new spec can change that
         return _fail(ctx, relay, involved, generation, applied_hash, failure, settled=settled)
 
-    failures = _apply_children(ctx, rendered, involved, caught_up=caught_up)
+    failures, deployment = _apply_children(ctx, rendered, involved, caught_up=caught_up)
     if not any(f.startswith("applying ConfigMap") for f in failures):
         applied_hash = rendered.config_hash
     if failures:
@@ -298,7 +297,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | float | None:
             rendered.config_hash[:12],
         )
     written = write_status(
-        ctx.kube,
+        ctx,
         relay,
         _observer(
             ctx,
@@ -306,6 +305,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | float | None:
             config_hash=applied_hash,
             restart_hash=applied_restart,
             failure=None,
+            deployment=deployment,
         ),
     )
     if meta["uid"] not in ctx.known:
@@ -343,7 +343,7 @@ def _fail(
     )
     ctx.recorder.record(involved, kind="Warning", reason=failure.reason, message=failure.message)
     write_status(
-        ctx.kube,
+        ctx,
         relay,
         _observer(
             ctx,

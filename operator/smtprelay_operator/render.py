@@ -116,6 +116,11 @@ def selector(name: str) -> dict[str, str]:
     return {api.NAME_LABEL: "smtprelay", api.INSTANCE_LABEL: name}
 
 
+def child_names(name: str) -> frozenset[str]:
+    """The names of every object one SmtpRelay may own."""
+    return frozenset({name, config_map_name(name), pvc_name(name), metrics_service_name(name)})
+
+
 def config_map_name(name: str) -> str:
     return f"{name}-config"
 

@@ -110,15 +110,20 @@ def signal_relay(spool: Spool) -> int | None:
 
 
 def flush(spool: Spool) -> tuple[int, int | None]:
-    """Mark every message due now, on disk and in the running relay; a message in the
-    middle of an attempt is left to it."""
+    """Every message due now. A running relay is told (as ``postqueue -f`` tells qmgr) and
+    takes every message of its spool into its schedule as due, without a file being
+    touched; with no relay running, each message is marked due on disk for the next start
+    (a message in the middle of an attempt is left to it)."""
+    pid = signal_relay(spool)
+    if pid is not None:
+        return spool.census()[0], pid
     count = 0
-    for queue_id in list(spool.ids()):
+    for queue_id in spool.ids():
         with contextlib.suppress(Busy), spool.locked(queue_id) as present:
             if present:
                 spool.reschedule(queue_id, time.time())
                 count += 1
-    return count, signal_relay(spool)
+    return count, None
 
 
 def delete(spool: Spool, queue_id: str, *, wait: float = LOCK_WAIT) -> bool:

@@ -72,10 +72,11 @@ class Scheduler:
         """Take every message in the spool into the schedule at its due time; returns how
         many. Messages never tried are due at once; deferred ones keep their place, so a
         restart neither spends an attempt of every message nor delays any."""
-        entries = self._spool.scan()
-        for entry in entries:
-            self._push(entry.id, entry.due)
-        return len(entries)
+        for entry in self._spool.scan():
+            if entry.id not in self._active:
+                self._due[entry.id] = entry.due
+        self._rebuild()
+        return len(self._due)
 
     def notify(self, queue_id: str) -> None:
         """A new message was spooled: its first attempt is due now, if it is this shard's."""
@@ -100,14 +101,14 @@ class Scheduler:
     def flush(self) -> int:
         """Make every spooled message due now (``queue flush``), including any that another
         process (``queue bounce``) put in the spool; returns how many."""
-        waiting = [
-            queue_id
-            for queue_id in self._spool.ids()
-            if self._spool.shard.owns(queue_id) and queue_id not in self._active
-        ]
-        for queue_id in waiting:
-            self._push(queue_id, 0.0)
-        return len(waiting)
+        owns = self._spool.shard.owns
+        count = 0
+        for queue_id in self._spool.names():
+            if owns(queue_id) and queue_id not in self._active:
+                self._due[queue_id] = 0.0
+                count += 1
+        self._rebuild()
+        return count
 
     def _push(self, queue_id: str, due: float) -> None:
         if queue_id in self._active:
@@ -117,8 +118,14 @@ class Scheduler:
         if len(self._heap) > 2 * len(self._due) + 1024:
             # superseded entries (a flush, a deferral) would otherwise stay until their old
             # due time: rebuild, so the heap follows the queue's length, not its history
-            self._heap = [(when, qid) for qid, when in self._due.items()]
-            heapq.heapify(self._heap)
+            self._rebuild()
+        else:
+            self._wake.set()
+
+    def _rebuild(self) -> None:
+        """The heap anew from the due times: one entry a message, in linear time."""
+        self._heap = [(when, queue_id) for queue_id, when in self._due.items()]
+        heapq.heapify(self._heap)
         self._wake.set()
 
     async def run(self) -> None:

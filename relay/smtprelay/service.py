@@ -31,7 +31,7 @@ from smtprelay.metrics import METRICS, serve_http
 from smtprelay.receive import Network, RelayHandler, RelaySMTP, client_ip, parse_networks
 from smtprelay.reload import Live
 from smtprelay.schedule import Scheduler, Setup
-from smtprelay.spool import PID_FILE, Shard, Spool, SpoolInUse
+from smtprelay.spool import PID_FILE, Shard, Spool, SpoolInUse, oldest_age
 from smtprelay.tlsreload import ReloadingContext
 
 SESSION_GRACE = 20.0
@@ -105,13 +105,6 @@ class _TrackedSMTP(RelaySMTP):
         if self._sessions.leave(self, self._peer_ip):
             METRICS.connections_open.dec()
         super().connection_lost(error)
-
-
-def _oldest_age(spool: Spool) -> float:
-    first = next(spool.ids(), None)
-    if first is None:
-        return 0.0
-    return max(0.0, time.time() - int(first[:11], 16) / 1000)
 
 
 class StartError(Exception):
@@ -348,7 +341,7 @@ async def _serve(
 
     def refresh() -> None:
         METRICS.queue_size.set(scheduler.queued)
-        METRICS.oldest.set(_oldest_age(spool))
+        METRICS.oldest.set(oldest_age(spool.recent_census()[1], time.time()))
         METRICS.corrupt.set(spool.corrupt_count())
 
     http = None
@@ -402,7 +395,7 @@ async def _serve(
                 (config.spool_dir / PID_FILE).unlink()
         log.info(
             "stopped",
-            queued=len(list(spool.ids())),
+            queued=spool.census()[0],
             sessions_cut=cut,
             seconds=round(loop.time() - began, 3),
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import math
 import os
 import shutil
@@ -36,7 +37,7 @@ from prometheus_client import CollectorRegistry, Gauge
 from smtprelay import current, handoff, logs, metrics, reload, service
 from smtprelay.config import RelayConfig, split_hostport
 from smtprelay.logs import system_log
-from smtprelay.spool import PID_FILE, Shard, Spool, SpoolInUse
+from smtprelay.spool import PID_FILE, Shard, Spool, SpoolInUse, oldest_age
 
 _T = TypeVar("_T")
 
@@ -168,6 +169,12 @@ def _supervise(config: RelayConfig, count: int, source: reload.Source | None) ->
     spool.remove_orphans()
     stats = Path(tempfile.mkdtemp(prefix="smtprelay-metrics-"))
     watches = handoff.open_watches(spool.queue_dir, count)
+    # What the workers inherit stays shared with the supervisor only while nobody writes to
+    # its pages: a collection in a worker writes the GC header of every object it examines,
+    # copying each page it touches (tens of MiB, sooner the more mail flows). Frozen objects
+    # are never examined.
+    gc.collect()
+    gc.freeze()
     children = {
         _fork_worker(config, listener, Shard(index, count), stats, source, watches): index
         for index in range(count)
@@ -209,9 +216,9 @@ class _QueueGauges:
 
     def refresh(self) -> None:
         self._corrupt.set(self._spool.corrupt_count())
-        ids = list(self._spool.ids())
-        self._size.set(len(ids))
-        self._oldest.set(max(0.0, time.time() - int(ids[0][:11], 16) / 1000) if ids else 0.0)
+        count, oldest = self._spool.recent_census()
+        self._size.set(count)
+        self._oldest.set(oldest_age(oldest, time.time()))
 
 
 class _Children:

@@ -161,10 +161,14 @@ class Operator:
         *,
         kubeconfig: Path | None = None,
         extra_args: tuple[str, ...] = ("--relay-config-url=",),
+        verbose: bool = True,
     ) -> None:
         """``extra_args``: by default the operator does not ask relays for their running
-        config (kwok's pods run nothing); a test with a relay process gives its URL."""
+        config (kwok's pods run nothing); a test with a relay process gives its URL.
+        ``verbose``: kopf's progress in the log (tests); off, the log level of the chart's
+        default (benchmarks)."""
         self.extra_args = extra_args
+        self.verbose = verbose
         self.plane = plane
         self.namespace = namespace
         self.log_dir = log_dir
@@ -188,7 +192,7 @@ class Operator:
                 "--namespace",
                 self.namespace,
                 f"--liveness=http://127.0.0.1:{port}/healthz",
-                "--verbose",
+                *(["--verbose"] if self.verbose else []),
                 *self.extra_args,
             ],
             env=env,

@@ -1,0 +1,181 @@
+"""children and relaycache: what the watch and the operator's own applies tell, kept apart."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from smtprelay_operator import api
+from smtprelay_operator.children import Children
+from smtprelay_operator.relaycache import RelayCache
+
+
+def _config_map(data: str = "a") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "mail-config", "namespace": "team"},
+        "data": {"relay.yaml": data},
+    }
+
+
+def _deployment(replicas: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "mail", "namespace": "team"},
+        "spec": {
+            "replicas": replicas,
+            "template": {"metadata": {"annotations": {api.RESTART_HASH_ANNOTATION: "r1"}}},
+        },
+    }
+
+
+def _as_stored(
+    obj: dict[str, Any], version: str, generation: int = 1, *, when: str = "t1", **status: Any
+) -> Any:
+    """``obj`` as the API server returns it; ``when``: the time on the operator's fields."""
+    stored = copy.deepcopy(obj)
+    fields = [
+        {"manager": "kube-controller-manager", "operation": "Update", "time": "t9"},
+        {"manager": api.FIELD_MANAGER, "operation": "Apply", "time": when},
+    ]
+    stored["metadata"] |= {
+        "resourceVersion": version,
+        "generation": generation,
+        "uid": "u1",
+        "managedFields": fields,
+    }
+    stored["status"] = status
+    return stored
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _key(obj: dict[str, Any]) -> tuple[str, str, str]:
+    return (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+
+class TestChildren:
+    def test_the_echo_of_an_apply_is_not_news_and_a_later_change_is(self) -> None:
+        children = Children()
+        obj = _config_map()
+        children.applied(obj, _as_stored(obj, "10"))
+        assert not children.watched(_key(obj), _as_stored(obj, "10"))
+        assert not children.watched(_key(obj), _as_stored(obj, "10"))  # a re-list repeats it
+        assert children.watched(_key(obj), _as_stored(_config_map("hijacked"), "11"))
+        assert children.watched(_key(obj), None)
+
+    def test_untouched_only_once_the_watch_confirms_the_apply(self) -> None:
+        clock = Clock()
+        children = Children(clock=clock)
+        obj = _config_map()
+        assert not children.untouched(obj, max_age=60)  # never applied
+        children.applied(obj, _as_stored(obj, "10"))
+        assert not children.untouched(obj, max_age=60)  # the watch has not said so yet
+        children.watched(_key(obj), _as_stored(obj, "10"))
+        assert children.untouched(obj, max_age=60)
+        assert not children.untouched(_config_map("new spec"), max_age=60)
+        clock.now += 60
+        assert not children.untouched(obj, max_age=60)  # the resync applies it again
+
+    def test_a_change_by_someone_else_or_a_deletion_is_applied_again(self) -> None:
+        children = Children()
+        obj = _config_map()
+        children.applied(obj, _as_stored(obj, "10"))
+        children.watched(_key(obj), _as_stored(obj, "10"))
+        children.watched(_key(obj), _as_stored(_config_map("hijacked"), "11"))
+        assert not children.untouched(obj, max_age=60)
+        assert children.before_apply(_key(obj))[1] is not None
+        children.watched(_key(obj), None)
+        assert not children.untouched(obj, max_age=60)
+        assert children.before_apply(_key(obj)) == (True, None)
+
+    def test_a_deployment_status_change_leaves_it_untouched_and_is_kept(self) -> None:
+        children = Children()
+        obj = _deployment()
+        children.applied(obj, _as_stored(obj, "10"))
+        children.watched(_key(obj), _as_stored(obj, "10"))
+        news = children.watched(_key(obj), _as_stored(obj, "12", availableReplicas=1))
+        assert news  # the status is for the SmtpRelay's conditions
+        assert children.untouched(obj, max_age=60)
+        view = children.deployment("team", "mail")
+        assert view is not None
+        assert view["status"] == {"availableReplicas": 1}
+        assert view["spec"]["replicas"] == 1
+        assert view["spec"]["template"]["metadata"]["annotations"] == {
+            api.RESTART_HASH_ANNOTATION: "r1"
+        }
+        # kubectl scale: a new generation, so it is applied again.
+        scaled = _as_stored(_deployment(replicas=3), "13", generation=2)
+        assert children.watched(_key(obj), scaled)
+        assert not children.untouched(obj, max_age=60)
+
+    def test_an_apply_puts_back_only_when_the_operators_fields_changed(self) -> None:
+        """A controller's write between the watch's report and the apply (a new
+        resourceVersion) is not a repair; an apply that changed the operator's own fields
+        (someone had edited them) is; so is one that had to create the object anew."""
+        children = Children()
+        obj = _config_map()
+        assert not children.applied(obj, _as_stored(obj, "10"))  # first sight
+        assert not children.applied(obj, _as_stored(obj, "12"))  # someone else's fields
+        assert children.applied(obj, _as_stored(obj, "14", when="t2"))  # ours, taken back
+        changed = _config_map("new spec")
+        assert not children.applied(changed, _as_stored(changed, "16", when="t3"))  # own change
+        recreated = _as_stored(changed, "18", when="t3")
+        recreated["metadata"]["uid"] = "u2"
+        assert children.applied(changed, recreated)
+
+    def test_forget_drops_a_gone_relays_children(self) -> None:
+        children = Children()
+        obj = _deployment()
+        children.applied(obj, _as_stored(obj, "10"))
+        children.watched(_key(obj), _as_stored(obj, "10"))
+        children.forget("team", frozenset({"mail"}))
+        assert children.deployment("team", "mail") is None
+        assert children.before_apply(_key(obj)) == (False, None)
+
+
+def _relay(version: str, **status: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {
+            "name": "mail",
+            "namespace": "team",
+            "uid": "u1",
+            "generation": 1,
+            "resourceVersion": version,
+            "managedFields": [{"manager": "kubectl"}] * 50,
+        },
+        "spec": {"delivery": {"tries": 3}},
+        "status": status,
+    }
+
+
+class TestRelayCache:
+    def test_keeps_what_a_reconcile_reads_and_not_managed_fields(self) -> None:
+        cache = RelayCache()
+        assert cache.note(_relay("5")) == ("team", "mail")
+        held = cache.get("team", "mail")
+        assert held is not None
+        assert "managedFields" not in held["metadata"]
+        assert held["metadata"]["uid"] == "u1"
+        assert held["spec"] == {"delivery": {"tries": 3}}
+        cache.note(_relay("6"), deleted=True)
+        assert cache.get("team", "mail") is None
+
+    def test_an_own_write_never_replaces_a_later_watch_event(self) -> None:
+        cache = RelayCache()
+        cache.note(_relay("5"))
+        cache.replaced(_relay("5"), _relay("6", observedGeneration=1))
+        assert cache.get("team", "mail")["metadata"]["resourceVersion"] == "6"  # type: ignore[index]
+        cache.note(_relay("8"))  # someone changed it after
+        cache.replaced(_relay("6"), _relay("7", observedGeneration=1))
+        assert cache.get("team", "mail")["metadata"]["resourceVersion"] == "8"  # type: ignore[index]
