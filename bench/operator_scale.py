@@ -26,6 +26,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -77,6 +78,8 @@ class Result:
     cpu_seconds: float = 0.0
     requests: dict[str, float] = field(default_factory=dict)  # verb -> count, operator's flow
     own: dict[str, float] = field(default_factory=dict)  # the operator's own counters, deltas
+    cpu_by_process: dict[str, float] = field(default_factory=dict)  # until all Ready
+    flows: dict[str, float] = field(default_factory=dict)  # API requests by flow schema
     idle_relays: int = 0
     idle_seconds: float = 0.0
     idle_rss_mib: float = 0.0
@@ -181,6 +184,25 @@ def operator_requests(text: str) -> dict[str, float]:
             level = labels.get("priority_level", "")
             total[level] = total.get(level, 0.0) + float(match.group(2))
     return total
+
+
+def flows(text: str) -> dict[str, float]:
+    """Requests the API server dispatched, by flow schema (who sent them)."""
+    total: dict[str, float] = {}
+    pattern = re.compile(
+        r"^apiserver_flowcontrol_dispatched_requests_total\{([^}]*)\} (\S+)$", re.M
+    )
+    for match in pattern.finditer(text):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        schema = labels.get("flow_schema", "")
+        total[schema] = total.get(schema, 0.0) + float(match.group(2))
+    return total
+
+
+def _cpu(plane: ControlPlane, operator_pid: int) -> dict[str, float]:
+    """CPU seconds so far of each control-plane process, the operator and this bench."""
+    pids = {**plane.pids, "operator": operator_pid, "bench": os.getpid()}
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
 
 
 def _delta(after: dict[str, float], before: dict[str, float]) -> float:
@@ -293,9 +315,11 @@ def converge(
     result = Result(relays=args.relays)
     names = [f"relay-{index:04d}" for index in range(args.relays)]
     operator_pid = operator.pid
-    before = operator_requests(_metrics(plane))
+    text = _metrics(plane)
+    before, flows_before = operator_requests(text), flows(text)
     own_before = own_counters(operator.metrics_url)
     cpu_before = cpu_seconds(operator_pid)
+    processes_before = _cpu(plane, operator_pid)
     with plane.api_client() as admin, TreeSampler(operator_pid) as sampler:
         _volumes(admin, names)
         begin = time.monotonic()
@@ -315,7 +339,12 @@ def converge(
         result.latency_p50_ms = statistics.median(latencies) if latencies else 0.0
         result.latency_p99_ms = _percentile(latencies, 0.99)
         result.cpu_seconds = cpu_seconds(operator_pid) - cpu_before
-        result.requests = {"all": _delta(operator_requests(_metrics(plane)), before)}
+        result.cpu_by_process = _deltas(_cpu(plane, operator_pid), processes_before)
+        text = _metrics(plane)
+        if args.keep:  # the API server's own account, for a closer look
+            (plane.run_dir / "apiserver-metrics-after-converge.txt").write_text(text)
+        result.requests = {"all": _delta(operator_requests(text), before)}
+        result.flows = {k: v for k, v in _deltas(flows(text), flows_before).items() if v}
         result.own = _deltas(own_counters(operator.metrics_url), own_before)
     result.peak_rss_mib = sampler.memory.peak_rss_kib / 1024
     return result
@@ -397,6 +426,11 @@ def _own(counters: dict[str, float], per: int) -> str:
     return ", ".join(parts) or "none"
 
 
+def _listing(values: dict[str, float], form: str) -> str:
+    ordered = sorted(values.items(), key=lambda item: -item[1])
+    return ", ".join(f"{name} {form.format(value)}" for name, value in ordered)
+
+
 def summarise(args: argparse.Namespace, result: Result) -> str:
     per_relay = result.requests.get("all", 0.0) / max(1, result.relays)
     rows = [
@@ -414,6 +448,8 @@ def summarise(args: argparse.Namespace, result: Result) -> str:
         ["operator CPU until all Ready", f"{result.cpu_seconds:.1f} s"],
         ["operator API requests per SmtpRelay", f"{per_relay:.1f}"],
         ["of which its reconciles' own (by method; applies)", _own(result.own, result.relays)],
+        ["CPU s until all Ready, by process", _listing(result.cpu_by_process, "{:.1f}")],
+        ["API requests until all Ready, by flow schema", _listing(result.flows, "{:.0f}")],
     ]
     if result.idle_relays:
         rows += [

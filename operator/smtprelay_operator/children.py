@@ -53,6 +53,17 @@ class _Applied:
     digest: str
     state: State
     at: float
+    stamp: tuple[str, str]
+
+
+def _stamp(body: Mapping[str, Any]) -> tuple[str, str]:
+    """(uid, when the operator's fields last changed): the API server moves the time of the
+    operator's managedFields entry only when an apply of its changes something."""
+    meta = body.get("metadata") or {}
+    for entry in meta.get("managedFields") or []:
+        if entry.get("manager") == api.FIELD_MANAGER and entry.get("operation") == "Apply":
+            return str(meta.get("uid")), str(entry.get("time"))
+    return str(meta.get("uid")), ""
 
 
 def digest(obj: Mapping[str, Any]) -> str:
@@ -119,11 +130,22 @@ class Children:
             applied = self._applied.get(key)
         return (True, applied.state) if applied is not None else (False, None)
 
-    def applied(self, obj: Mapping[str, Any], response: Mapping[str, Any]) -> None:
-        """Note an apply of ``obj`` that left ``response``."""
-        record = _Applied(digest(obj), State.of(response), self._clock())
+    def applied(self, obj: Mapping[str, Any], response: Mapping[str, Any]) -> bool:
+        """Note an apply of ``obj`` that left ``response``. True when it put back what
+        someone else had changed: the same content as the operator's previous apply, yet
+        the API server says the apply changed the operator's fields (or made a new object).
+        A resourceVersion comparison cannot tell: a controller's write (a PVC's binding)
+        may land between the watch's report and the apply."""
+        record = _Applied(digest(obj), State.of(response), self._clock(), _stamp(response))
+        key = key_of(obj)
         with self._lock:
-            self._applied[key_of(obj)] = record
+            previous = self._applied.get(key)
+            self._applied[key] = record
+        return (
+            previous is not None
+            and previous.digest == record.digest
+            and previous.stamp != record.stamp
+        )
 
     def untouched(self, obj: Mapping[str, Any], *, max_age: float) -> bool:
         """Whether applying ``obj`` now would change nothing: the operator applied exactly

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -39,12 +40,29 @@ REAPPLY_SHARE = 0.8
 RelayKey = tuple[str, str]  # (namespace, name)
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: kopf builds one (a deep copy of the body) on every event for its
+    change handlers, and this operator has none, only event handlers."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Watch with server-side filters, post our own Events, start the reconcile workers."""
     # The Events posted are the recorder's, deduplicated; kopf's own (one per log line at
     # WARNING and above, a new one for every retry) would be a storm on a stuck apply.
     settings.posting.enabled = False
+    settings.persistence.diffbase_storage = NoDiffBase()
     # Filter children on the server: watching every ConfigMap in the cluster to pick out
     # ours would make idle cost grow with everything else in the cluster.
     selector = ",".join(f"{key}={value}" for key, value in sorted(_CHILD_FILTER.items()))
@@ -115,7 +133,7 @@ async def relay_changed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
         "generation"
     ):
         return
-    memo.queue.add(key)
+    memo.queue.add(key, urgent=True)
 
 
 @kopf.on.event(*_CHILD_RESOURCES[0], labels=_CHILD_FILTER)

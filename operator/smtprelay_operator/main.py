@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import os
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ LOG_FORMATS = {
     "json": kopf.LogFormat.JSON,
 }
 DEFAULT_LOG_FORMAT = "full"
+KOPF_OBJECTS_LOGGER = "kopf.objects"
 
 
 def default_image() -> str:
@@ -105,6 +107,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     kopf.configure(verbose=args.verbose, debug=args.debug, log_format=LOG_FORMATS[args.log_format])
+    # kopf logs "Handler ... succeeded" at INFO for every watch event: two lines an event,
+    # thousands a minute with many SmtpRelays. Unless asked for, only its warnings and errors.
+    quiet = not (args.verbose or args.debug)
+    logging.getLogger(KOPF_OBJECTS_LOGGER).setLevel(logging.WARNING if quiet else logging.NOTSET)
     memo = kopf.Memo(
         defaults=render.OperatorDefaults(
             relay_image=args.relay_image or default_image(),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -24,7 +25,7 @@ from kubernetes.client import ApiException
 from smtprelay.config import ConfigError, parse_config
 
 from smtprelay_operator import api, metrics, policy, relayconfig, render, status
-from smtprelay_operator.children import Children, State, key_of
+from smtprelay_operator.children import Children, key_of
 from smtprelay_operator.events import Involved, Recorder
 from smtprelay_operator.kube import CONFLICT, NOT_FOUND, Kube
 from smtprelay_operator.relaycache import RelayCache
@@ -70,10 +71,15 @@ def _api_message(error: ApiException) -> str:
         return str(error.body)
 
 
-def _validate(rendered: render.Rendered) -> str | None:
-    """The relay's own verdict on the rendered relay.yaml; None when it would start."""
+@functools.lru_cache(maxsize=256)
+def _validate(relay_yaml: str) -> str | None:
+    """The relay's own verdict on a rendered relay.yaml; None when it would start.
+
+    Kept for the last few hundred relay.yamls: every reconcile renders, most render the
+    same as the last time, and parsing is most of a no-op reconcile's CPU.
+    """
     try:
-        parse_config(yaml.safe_load(rendered.relay_yaml))
+        parse_config(yaml.safe_load(relay_yaml))
     except ConfigError as error:
         return "; ".join(error.problems)
     return None
@@ -166,18 +172,6 @@ def _observer(
     return observe
 
 
-def _repaired(before: tuple[bool, State | None], after: Object) -> bool:
-    """Whether applying put back something changed or deleted outside the operator."""
-    known, value = before
-    if not known:
-        return False  # first sight (operator start): nothing to compare with
-    if value is None:
-        return True  # the watch saw it deleted
-    if after["kind"] == "Deployment":  # status updates do not count, spec changes do
-        return _generation(after["metadata"]) != value.generation
-    return str(after["metadata"].get("resourceVersion")) != value.resource_version
-
-
 def _apply_children(
     ctx: Context, rendered: render.Rendered, involved: Involved, *, caught_up: bool
 ) -> tuple[list[str], Object | None]:
@@ -212,10 +206,11 @@ def _apply_children(
             failures.append(f"applying {target}: {error.reason}: {_api_message(error)}")
             config_failed = config_failed or obj["kind"] == "ConfigMap"
             continue
-        ctx.children.applied(obj, after)
+        put_back = ctx.children.applied(obj, after)
         if obj["kind"] == "Deployment":
             deployment = after
-        if caught_up and _repaired(before, after):
+        known, state = before
+        if caught_up and (put_back or (known and state is None)):  # changed, or deleted
             message = f"{target} was changed or deleted outside the operator; restored it"
             _log.info("%s/%s: %s", involved.namespace, involved.name, message)
             ctx.recorder.record(involved, kind="Warning", reason="Restored", message=message)
@@ -262,7 +257,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | float | None:
     applied_hash = str(known.get("configHash") or rendered.config_hash)
     applied_restart = rendered.restart_hash
 
-    problem = _validate(rendered)
+    problem = _validate(rendered.relay_yaml)
     if problem is not None:
         failure = status.Failure(reason="InvalidConfig", message=problem, stalled=True)
         return _fail(ctx, relay, involved, generation, applied_hash, failure, settled=True)

@@ -5,6 +5,9 @@ its current state. A key is never worked on by two workers at once, a key added 
 being worked on is worked on once more afterwards, a failure comes back after an
 exponential backoff (not at a fixed rate forever), and a success comes back after the
 resync interval, so a missed watch event is repaired eventually without any polling loop.
+Keys added as urgent (a new or changed SmtpRelay) go before the others (a child's status
+changed, a resync): when hundreds are created at once, each gets its objects before any
+gets its status refreshed, and the refreshes wait long enough to be merged.
 
 kopf's own retries (handler progress kept in annotations) and its timers and daemons
 (which need a finalizer on every SmtpRelay) are not used for this on purpose: see
@@ -14,6 +17,7 @@ operator/README.md.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import heapq
@@ -50,10 +54,12 @@ class WorkQueue(Generic[Key]):
         self._resync = resync
         self._clock = clock
         self._jitter = jitter
-        self._ready: asyncio.Queue[Key] = asyncio.Queue()
+        self._urgent: collections.deque[Key] = collections.deque()
+        self._ready: collections.deque[Key] = collections.deque()
+        self._available = asyncio.Semaphore(0)  # one per key in either deque
         self._queued: set[Key] = set()
         self._active: set[Key] = set()
-        self._dirty: set[Key] = set()
+        self._dirty: dict[Key, bool] = {}  # key -> urgent
         self._later: list[tuple[float, int, Key]] = []
         self._due: dict[Key, float] = {}
         self._failures: dict[Key, int] = {}
@@ -63,14 +69,23 @@ class WorkQueue(Generic[Key]):
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
 
-    def add(self, key: Key) -> None:
-        """Work on ``key`` as soon as a worker is free (once, however often it is added)."""
+    def add(self, key: Key, *, urgent: bool = False) -> None:
+        """Work on ``key`` as soon as a worker is free (once, however often it is added);
+        ``urgent`` keys before the others."""
         self._due.pop(key, None)
         if key in self._active:
-            self._dirty.add(key)
+            self._dirty[key] = self._dirty.get(key, False) or urgent
         elif key not in self._queued:
             self._queued.add(key)
-            self._ready.put_nowait(key)
+            (self._urgent if urgent else self._ready).append(key)
+            self._available.release()
+        elif urgent and key in self._ready:
+            self._ready.remove(key)
+            self._urgent.append(key)
+
+    async def _take(self) -> Key:
+        await self._available.acquire()
+        return self._urgent.popleft() if self._urgent else self._ready.popleft()
 
     def add_after(self, key: Key, delay: float) -> None:
         """Work on ``key`` after ``delay`` seconds, unless it is due earlier already."""
@@ -85,7 +100,7 @@ class WorkQueue(Generic[Key]):
     @property
     def waiting(self) -> int:
         """Keys ready to be worked on now."""
-        return self._ready.qsize()
+        return len(self._urgent) + len(self._ready)
 
     def failures(self, key: Key) -> int:
         return self._failures.get(key, 0)
@@ -107,8 +122,7 @@ class WorkQueue(Generic[Key]):
             # Spread resyncs out, so hundreds of SmtpRelays do not all come back at once.
             self.add_after(key, self._resync * (0.9 + 0.2 * self._jitter()))
         if key in self._dirty:
-            self._dirty.discard(key)
-            self.add(key)
+            self.add(key, urgent=self._dirty.pop(key))
 
     async def _promote(self) -> None:
         """Move keys whose time has come to the ready queue."""
@@ -134,7 +148,7 @@ class WorkQueue(Generic[Key]):
 
         async def worker() -> None:
             while True:
-                key = await self._ready.get()
+                key = await self._take()
                 self._queued.discard(key)
                 self._active.add(key)
                 outcome: bool | float | None = False

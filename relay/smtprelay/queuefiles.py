@@ -83,6 +83,19 @@ def _overwrite(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+def open_for_reading(path: str | Path) -> int:
+    """A read-only descriptor that leaves the access time alone: on a ``relatime`` mount
+    the first read of a new file would otherwise dirty its inode, a journal write per
+    delivered message. ``O_NOATIME`` is refused (EPERM) on files of another owner."""
+    try:
+        return os.open(path, os.O_RDONLY | _O_NOATIME)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
 def envelope_line(fd: int) -> tuple[bytes, int]:
     """A queue file's first line (its envelope, up to `MAX_ENVELOPE` octets) and the offset
     of the message after it, read with ``pread`` from the start whatever the offset."""
@@ -218,6 +231,9 @@ class QueueFiles:
         os.utime(f"{self._queue_path}/{queue_id}{SUFFIX}", (due, due))
 
     def contains(self, queue_id: str) -> bool:
+        held = self._held.get(queue_id)
+        if held is not None:  # `locked` holds it: no path lookup
+            return os.fstat(held).st_nlink > 0
         return os.path.exists(f"{self._queue_path}/{queue_id}{SUFFIX}")
 
     def state_ids(self) -> set[str]:
@@ -282,7 +298,7 @@ class QueueFiles:
         or removed meanwhile). Waits up to ``timeout`` seconds for another holder, then
         raises `Busy`."""
         try:
-            fd = os.open(self.queue_dir / f"{queue_id}{SUFFIX}", os.O_RDONLY)
+            fd = open_for_reading(f"{self._queue_path}/{queue_id}{SUFFIX}")
         except FileNotFoundError:
             yield False
             return

@@ -31,9 +31,21 @@ def _deployment(replicas: int = 1) -> dict[str, Any]:
     }
 
 
-def _as_stored(obj: dict[str, Any], version: str, generation: int = 1, **status: Any) -> Any:
+def _as_stored(
+    obj: dict[str, Any], version: str, generation: int = 1, *, when: str = "t1", **status: Any
+) -> Any:
+    """``obj`` as the API server returns it; ``when``: the time on the operator's fields."""
     stored = copy.deepcopy(obj)
-    stored["metadata"] |= {"resourceVersion": version, "generation": generation}
+    fields = [
+        {"manager": "kube-controller-manager", "operation": "Update", "time": "t9"},
+        {"manager": api.FIELD_MANAGER, "operation": "Apply", "time": when},
+    ]
+    stored["metadata"] |= {
+        "resourceVersion": version,
+        "generation": generation,
+        "uid": "u1",
+        "managedFields": fields,
+    }
     stored["status"] = status
     return stored
 
@@ -104,6 +116,21 @@ class TestChildren:
         scaled = _as_stored(_deployment(replicas=3), "13", generation=2)
         assert children.watched(_key(obj), scaled)
         assert not children.untouched(obj, max_age=60)
+
+    def test_an_apply_puts_back_only_when_the_operators_fields_changed(self) -> None:
+        """A controller's write between the watch's report and the apply (a new
+        resourceVersion) is not a repair; an apply that changed the operator's own fields
+        (someone had edited them) is; so is one that had to create the object anew."""
+        children = Children()
+        obj = _config_map()
+        assert not children.applied(obj, _as_stored(obj, "10"))  # first sight
+        assert not children.applied(obj, _as_stored(obj, "12"))  # someone else's fields
+        assert children.applied(obj, _as_stored(obj, "14", when="t2"))  # ours, taken back
+        changed = _config_map("new spec")
+        assert not children.applied(changed, _as_stored(changed, "16", when="t3"))  # own change
+        recreated = _as_stored(changed, "18", when="t3")
+        recreated["metadata"]["uid"] = "u2"
+        assert children.applied(changed, recreated)
 
     def test_forget_drops_a_gone_relays_children(self) -> None:
         children = Children()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
@@ -87,3 +88,17 @@ class TestMain:
         main.main([*argv, "--verbose"])
         assert calls["configure"] == {"verbose": True, "debug": False, "log_format": log_format}
         assert calls["run"]["standalone"] is True
+
+    @pytest.mark.parametrize(("argv", "level"), [([], logging.WARNING), (["-v"], logging.NOTSET)])
+    def test_kopfs_per_event_lines_only_when_verbose(
+        self, calls: dict[str, dict[str, Any]], argv: list[str], level: int
+    ) -> None:
+        """Without -v, kopf's "Handler ... succeeded" (INFO, two a watch event) is not
+        logged; its warnings are. With -v, everything kopf says."""
+        kopf_objects = logging.getLogger(main.KOPF_OBJECTS_LOGGER)
+        kopf_objects.setLevel(logging.NOTSET)
+        try:
+            main.main(argv)
+            assert kopf_objects.level == level
+        finally:
+            kopf_objects.setLevel(logging.NOTSET)

@@ -136,3 +136,23 @@ class TestWorkQueue:
             await asyncio.sleep(0.05)
             queue.add("a")
             await until(lambda: len(work.calls) == 2)
+
+    async def test_urgent_keys_go_first_and_an_urgent_add_promotes(self) -> None:
+        """New SmtpRelays before status refreshes: urgent keys are served first, in order,
+        and a waiting key added again as urgent moves up."""
+        work = Recorder(lambda key, n: True)
+        queue: WorkQueue[str] = WorkQueue(backoff=Backoff(), resync=3600)
+        for key in ("s1", "s2", "s3"):
+            queue.add(key)
+        queue.add("n1", urgent=True)
+        queue.add("s3", urgent=True)
+        queue.add("n2", urgent=True)
+        assert queue.waiting == 5
+        task = asyncio.create_task(queue.run(work, workers=1))
+        try:
+            await until(lambda: len(work.calls) == 5)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert [key for key, _ in work.calls] == ["n1", "s3", "n2", "s1", "s2"]
