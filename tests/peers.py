@@ -149,6 +149,20 @@ class _SinkHandler:
     def __init__(self, sink: Sink) -> None:
         self._sink = sink
 
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        earlier = getattr(session, "sink_mails", 0)
+        session.sink_mails = earlier + 1  # type: ignore[attr-defined]
+        limit = self._sink.mails_per_session
+        if limit is not None and earlier >= limit:
+            if server.transport is not None:  # as a server whose idle timer ran out meanwhile
+                server.transport.close()
+            return "421 4.4.2 sink: session timed out"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
@@ -196,10 +210,13 @@ class Sink:
         data_reply: str = "250 2.0.0 OK",
         hold: threading.Event | None = None,
         data_delay: float = 0.0,
+        mails_per_session: int | None = None,
         **smtp_options: Any,
     ) -> None:
-        """``hold``: DATA is answered only once it is set; ``smtp_options`` go to aiosmtpd's
-        SMTP (``tls_context``, ``authenticator``, ``auth_required`` ...)."""
+        """``hold``: DATA is answered only once it is set; ``mails_per_session``: a MAIL
+        beyond that many on one connection is answered 421 and the connection closed;
+        ``smtp_options`` go to aiosmtpd's SMTP (``tls_context``, ``authenticator``,
+        ``auth_required`` ...)."""
         self.host = host
         self.port = port
         self.messages: list[Received] = []
@@ -209,6 +226,7 @@ class Sink:
         self.hold = hold
         self.in_data = threading.Event()
         self.data_delay = data_delay
+        self.mails_per_session = mails_per_session
         self.active = 0  # sessions in DATA now, and the most there ever were at once
         self.most_active = 0
         self._controller = Controller(

@@ -50,7 +50,7 @@ class StreamingData:
                 if not piece:  # EOF: aiosmtpd cancels us, but be sure
                     raise ConnectionResetError("connection closed during DATA")
                 data, rest = body.feed(piece)
-                draft.write(data)
+                await draft.write(data)
                 if rest:  # pipelined commands after the end of data: read them next
                     self._reader._buffer[0:0] = rest
         except BaseException:

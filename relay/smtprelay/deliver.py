@@ -29,7 +29,7 @@ from aiosmtplib.response import SMTPResponse
 from smtprelay.config import TlsLevel
 from smtprelay.dsn import MailOptions, RecipientOptions
 from smtprelay.scache import ConnectionCache, Session, quit_politely
-from smtprelay.sendbody import send_body
+from smtprelay.sendbody import RefusedAfterDot, send_body
 from smtprelay.spool import MessageFile
 from smtprelay.transcript import TranscribingSMTP
 
@@ -197,14 +197,17 @@ def _rcpt_parameters(client: aiosmtplib.SMTP, options: RecipientOptions) -> list
 
 
 async def _transaction(
-    client: aiosmtplib.SMTP,
+    session: Session,
     sender: str,
     recipients: tuple[str, ...],
     data: MessageFile,
     template: Result,
     carried: Carried,
 ) -> dict[str, Result]:
-    """MAIL, RCPT per recipient, DATA for those accepted; a result per recipient."""
+    """MAIL, RCPT per recipient, DATA for those accepted; a result per recipient. The
+    session is marked clean again only once the message's final reply has come."""
+    client = session.client
+    session.clean = False
 
     def result(outcome: Outcome, code: int, text: str) -> Result:
         return replace(template, outcome=outcome, code=code, text=text)
@@ -215,6 +218,7 @@ async def _transaction(
     parameters = _mail_parameters(client, carried)
     if isinstance(parameters, str):
         code, _, text = parameters.partition(" ")
+        session.clean = True  # nothing was sent
         return dict.fromkeys(recipients, result("failed", int(code), text))
     encoding = "utf-8" if carried.options.smtputf8 else "ascii"
     await client.mail(sender, options=parameters, encoding=encoding)
@@ -239,7 +243,9 @@ async def _transaction(
         except aiosmtplib.SMTPResponseException as error:
             for recipient in accepted:
                 results[recipient] = result(classify(error.code), error.code, error.message)
+            session.clean = isinstance(error, RefusedAfterDot)
         else:
+            session.clean = True
             for recipient in accepted:
                 results[recipient] = result("delivered", reply.code, reply.message)
     return results
@@ -300,18 +306,27 @@ async def _deliver_once(
 ) -> dict[str, Result]:
     key = (target, policy, level)
     session = await cache.take(key) if cache is not None else None
+    reused = session is not None
     if session is None:
         session = await _open(target=target, policy=policy, level=level, helo=helo, timeout=timeout)
     finished = False
     try:
-        results = await _transaction(
-            session.client,
-            sender,
-            recipients,
-            data,
-            Result("delivered", 0, "", target.address, session.channel, target.name),
-            carried,
-        )
+        template = Result("delivered", 0, "", target.address, session.channel, target.name)
+        try:
+            results = await _transaction(session, sender, recipients, data, template, carried)
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPSenderRefused) as error:
+            if not reused or (
+                isinstance(error, aiosmtplib.SMTPSenderRefused) and error.code != 421
+            ):
+                raise
+            # a cached session the server closed while it was idle (EOF, or 421 on MAIL):
+            # this message goes on over a new connection, as Postfix does
+            session.client.close()
+            session = await _open(
+                target=target, policy=policy, level=level, helo=helo, timeout=timeout
+            )
+            template = replace(template, tls=session.channel)
+            results = await _transaction(session, sender, recipients, data, template, carried)
         finished = True
         return results
     finally:

@@ -248,6 +248,16 @@ def _write(sink: Sink, event: MutableMapping[str, Any]) -> None:
 
 
 _ROUTER = _Router()
+_PROCESS = {"pid": os.getpid()}  # set again by configure(), which each worker calls
+
+
+def _add_pid(
+    _logger: Any, _method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Every line names the process that wrote it (as Postfix's ``smtp[1234]:``): with
+    several workers, which one received and which one delivered a message."""
+    event.setdefault("pid", _PROCESS["pid"])
+    return event
 
 
 def _configure_structlog() -> None:
@@ -255,6 +265,7 @@ def _configure_structlog() -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
+            _add_pid,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             _ROUTER,
@@ -288,6 +299,7 @@ def configure(
     settings: Logging, *, spool_dir: Path, hostname: str, clock: Callable[[], float] = time.time
 ) -> None:
     """Point the mail channel at ``settings.target``."""
+    _PROCESS["pid"] = os.getpid()
     sink: Sink | None
     if settings.target == "file":
         spool_dir.mkdir(parents=True, exist_ok=True)

@@ -478,7 +478,7 @@ class RelayHandler:
         """DATA is starting: a spool draft with the envelope and our Received: header first,
         so the body can be written to it as it arrives."""
         now = self._clock()
-        queue_id = self._spool.shard.new_id(now)
+        queue_id = self._spool.new_id(now)
         recipients = tuple(envelope.rcpt_tos)
         peer = str(client_ip(session.peer))
         protocol = "ESMTP" if session.extended_smtp else "SMTP"
@@ -494,7 +494,7 @@ class RelayHandler:
             options=message_options(envelope),
             recipient_options=recipient_options(envelope),
         )
-        draft.write(
+        draft.add(
             received_header(
                 helo=session.host_name or "",
                 peer_ip=peer,

@@ -8,6 +8,7 @@ else the domain's own A/AAAA; RFC 7505 null MX and NXDOMAIN fail at once).
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -179,6 +180,7 @@ def group_by_route(
     return {route: tuple(members) for route, members in groups.items()}
 
 
+@functools.lru_cache(maxsize=1024)
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)

@@ -1,9 +1,12 @@
 """The delivery connection cache, as Postfix's ``scache``: sessions kept open between messages.
 
 A session that has just finished a transaction is kept for a short while (``IDLE_LIMIT``);
-the next message for the same host, TLS level and credentials takes it, sends RSET and goes
-on with MAIL FROM, instead of paying for a new connection, greeting, EHLO, STARTTLS, AUTH and
-QUIT. A busy gateway or MX thus sees a few long sessions rather than one per message. Idle
+the next message for the same host, TLS level and credentials takes it and goes on with MAIL
+FROM, instead of paying for a new connection, greeting, EHLO, STARTTLS, AUTH and QUIT. A
+transaction that ended with the reply to its message's final dot leaves the server in its
+initial state (RFC 5321 §4.1.1.4), so the next MAIL follows at once; one that ended
+otherwise (every recipient refused, DATA refused) is reset with RSET first. A server that
+closed an idle session is noticed by the delivery, which then opens a new one (deliver.py). A busy gateway or MX thus sees a few long sessions rather than one per message. Idle
 sessions are bounded in number (the delivery concurrency) and time; a session is not reused
 after ``REUSE_LIMIT`` seconds, so a server's per-connection limits and a reload on its side
 are met in time. A session that fails its RSET is closed and another (or a new connection)
@@ -30,6 +33,7 @@ class Session:
     client: aiosmtplib.SMTP
     channel: str  # "verified", "encrypted" or "" (plaintext), as deliver.Result.tls
     opened: float
+    clean: bool = True  # the last transaction ended with the final reply to its DATA
     _timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
@@ -72,14 +76,17 @@ class ConnectionCache:
         return session
 
     async def take(self, key: Hashable) -> Session | None:
-        """An idle session for ``key`` that answered RSET, or None."""
+        """An idle session for ``key`` in the initial state (RSET first when its last
+        transaction did not end cleanly), or None."""
         while (session := self._pop(key)) is not None:
             if session.client.is_connected:
-                try:
-                    await session.client.rset()
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    session.client.close()
-                    continue
+                if not session.clean:
+                    try:
+                        await session.client.rset()
+                    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                        session.client.close()
+                        continue
+                    session.clean = True
                 self.reused += 1
                 return session
             session.client.close()

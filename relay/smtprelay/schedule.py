@@ -25,7 +25,7 @@ from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
 from smtprelay.scache import ConnectionCache
-from smtprelay.spool import Busy, Envelope, MessageFile, QueueState, Spool
+from smtprelay.spool import Busy, Envelope, MessageFile, QueueState, Spool, is_queue_id
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,24 @@ class Scheduler:
         return len(self._due)
 
     def notify(self, queue_id: str) -> None:
-        """A new message was spooled: its first attempt is due now."""
-        self._push(queue_id, 0.0)
+        """A new message was spooled: its first attempt is due now, if it is this shard's."""
+        if self._spool.shard.owns(queue_id):
+            self._push(queue_id, 0.0)
+
+    def arrived(self, name: str) -> None:
+        """A file was renamed into the queue directory (handoff.py): a message of this shard
+        that another worker accepted, or one this worker knows already (pushed again,
+        harmlessly: an attempt of a message already gone ends at once)."""
+        queue_id = name.removesuffix(".eml")
+        if queue_id != name and is_queue_id(queue_id) and queue_id not in self._due:
+            self.notify(queue_id)
+
+    def rescan(self) -> None:
+        """Events were lost (inotify's queue overflowed): take in whatever the spool holds
+        of this shard that the schedule does not."""
+        for entry in self._spool.scan():
+            if entry.id not in self._due and entry.id not in self._active:
+                self._push(entry.id, entry.due)
 
     def flush(self) -> int:
         """Make every spooled message due now (``queue flush``), including any that another

@@ -17,6 +17,11 @@ import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
 
+class RefusedAfterDot(aiosmtplib.SMTPDataError):
+    """The server refused the message in its reply to the final dot: the transaction is
+    over and the session is back in its initial state, unlike a refused DATA command."""
+
+
 def stuffed(pieces: Iterable[bytes]) -> Iterable[bytes]:
     """The message dot-stuffed, ending in CRLF, ready for ``.<CRLF>``."""
     line_start = True
@@ -48,11 +53,14 @@ async def send_body(
         if start.code != 354:
             raise aiosmtplib.SMTPDataError(start.code, start.message)
         protocol._response_pending = True  # a reply sent early (552 ...) must not be lost
+        previous = b""
         for piece in stuffed(pieces):
-            protocol.write(piece)
-            await protocol._drain_helper()
-        protocol.write(b".\r\n")
+            if previous:
+                protocol.write(previous)
+                await protocol._drain_helper()
+            previous = piece
+        protocol.write(previous + b".\r\n")  # the last piece and the dot: one send
         reply = await protocol.read_response(timeout=timeout)
     if reply.code != 250:
-        raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+        raise RefusedAfterDot(reply.code, reply.message)
     return reply

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from smtprelay import current, logs, reload
+from smtprelay import current, handoff, logs, reload
 from smtprelay.auth import FailureLimiter, Users, UsersFileError
 from smtprelay.config import Limits, RelayConfig, split_hostport
 from smtprelay.logs import system_log
@@ -157,12 +157,15 @@ async def run(
     listener: socket.socket | None = None,
     shard: Shard | None = None,
     source: reload.Source | None = None,
+    handoff_fd: int | None = None,
 ) -> None:
     """Serve until ``stop`` is set (by SIGTERM/SIGINT when not given).
 
     Alone, the process owns the whole spool, its PID file and the metrics endpoint. As one of
     several workers (``listener`` and ``shard`` given by the supervisor in workers.py) it
-    accepts on the shared socket and schedules only its shard of the spool.
+    accepts on the shared socket and schedules only its shard of the spool; with
+    ``handoff_fd`` (its inotify descriptor on the queue directory) it gives what it accepts
+    to the next worker and schedules what the previous one gives it.
     """
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_log_loop_errors)
@@ -178,7 +181,13 @@ async def run(
             except SpoolInUse as error:
                 raise StartError(str(error)) from None
         await _serve(
-            config, hostname=hostname, stop=stop, listener=listener, shard=shard, source=source
+            config,
+            hostname=hostname,
+            stop=stop,
+            listener=listener,
+            shard=shard,
+            source=source,
+            handoff_fd=handoff_fd,
         )
     except StartError as error:
         log.error("start_failed", error=str(error))
@@ -281,6 +290,17 @@ def _current(
     return live, setup, watcher
 
 
+def _hand_off(fd: int | None, spool: Spool, scheduler: Scheduler) -> handoff.QueueWatch | None:
+    """Give what this worker accepts to the next worker, and schedule what the previous
+    one gives it, told by inotify (``fd``, opened by the supervisor)."""
+    shard = spool.shard
+    if fd is None or shard.count < 2:
+        return None
+    watch = handoff.attach(fd, arrived=scheduler.arrived, overflowed=scheduler.rescan)
+    spool.accept_shard = Shard((shard.index + 1) % shard.count, shard.count)
+    return watch
+
+
 async def _serve(
     config: RelayConfig,
     *,
@@ -289,6 +309,7 @@ async def _serve(
     listener: socket.socket | None,
     shard: Shard | None,
     source: reload.Source | None,
+    handoff_fd: int | None = None,
 ) -> None:
     alone = listener is None
     loop = asyncio.get_running_loop()
@@ -302,6 +323,7 @@ async def _serve(
         spool.remove_orphans()
         (config.spool_dir / PID_FILE).write_text(f"{os.getpid()}\n")
     scheduler = Scheduler(spool=spool, setup=setup.current)
+    watch = _hand_off(handoff_fd, spool, scheduler)
     recovered = scheduler.load()
     spool.subscribe(scheduler.notify)
 
@@ -363,8 +385,9 @@ async def _serve(
         delivery.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await delivery
-        if http is not None:
-            http.close()
+        for closing in (watch, http):
+            if closing is not None:
+                closing.close()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(signum)
         if alone:

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import re
 import secrets
 import threading
@@ -99,12 +100,23 @@ class QueueState:
 
 @dataclass(frozen=True)
 class MessageFile:
-    """A spooled message, read in pieces: memory never follows its size."""
+    """A spooled message, read in pieces: memory never follows its size.
+
+    With ``fd`` (the descriptor `Spool.locked` holds during an attempt) it is read with
+    ``pread`` and never opened again; without, each read opens ``path``.
+    """
 
     path: Path
     offset: int
+    fd: int | None = None
 
     def pieces(self, size: int = 65536) -> Iterator[bytes]:
+        if self.fd is not None:
+            position = self.offset
+            while piece := os.pread(self.fd, size, position):
+                position += len(piece)
+                yield piece
+            return
         with self.path.open("rb") as handle:
             handle.seek(self.offset)
             while piece := handle.read(size):
@@ -112,13 +124,41 @@ class MessageFile:
 
     @property
     def size(self) -> int:
+        if self.fd is not None:
+            return os.fstat(self.fd).st_size - self.offset
         return self.path.stat().st_size - self.offset
 
     def head(self, limit: int = 65536) -> bytes:
         """The message's first ``limit`` octets (its header, for a report)."""
+        if self.fd is not None:
+            return os.pread(self.fd, limit, self.offset)
         with self.path.open("rb") as handle:
             handle.seek(self.offset)
             return handle.read(limit)
+
+
+def _open_for_reading(path: str | Path) -> int:
+    """A read-only descriptor that leaves the access time alone: on a ``relatime`` mount
+    the first read of a new file would otherwise dirty its inode, a journal write per
+    delivered message. ``O_NOATIME`` is refused (EPERM) on files of another owner."""
+    try:
+        return os.open(path, os.O_RDONLY | _O_NOATIME)
+    except PermissionError:
+        return os.open(path, os.O_RDONLY)
+
+
+_O_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+def _read_envelope_line(fd: int) -> bytes:
+    """The queue file's first line (its envelope), read with ``pread`` from the start."""
+    head = os.pread(fd, 4096, 0)
+    while b"\n" not in head and len(head) < MAX_ENVELOPE:  # an envelope of many recipients
+        more = os.pread(fd, 65536, len(head))
+        if not more:
+            break
+        head += more
+    return head.partition(b"\n")[0]
 
 
 @dataclass(frozen=True)
@@ -129,9 +169,21 @@ class QueueEntry:
     due: float
 
 
-def new_queue_id(now: float) -> str:
-    """Sortable by arrival, unique without coordination."""
-    return f"{int(now * 1000):011x}{secrets.token_hex(5)}"
+def new_queue_id(now: float, shard: tuple[int, int] = (0, 1)) -> str:
+    """Sortable by arrival, unique without coordination: the time in milliseconds, then 40
+    random bits whose last 16 fall in worker ``index`` of ``count`` (see `Shard`).
+
+    The bits come from `random` (seeded from the OS at start and again in each forked
+    worker): an id must not collide, it need not be unguessable, and ``os.urandom`` per
+    message was a system call on the hot path.
+    """
+    index, count = shard
+    bits = random.getrandbits(40)
+    low = bits & 0xFFFF
+    low += index - low % count
+    if low > 0xFFFF:
+        low -= count
+    return f"{int(now * 1000):011x}{(bits & ~0xFFFF) | low:010x}"
 
 
 def oldest_age(oldest: str | None, now: float) -> float:
@@ -157,10 +209,7 @@ class Shard:
 
     def new_id(self, now: float) -> str:
         """A fresh id this worker owns, so what it accepts it also delivers."""
-        while True:
-            queue_id = new_queue_id(now)
-            if self.owns(queue_id):
-                return queue_id
+        return new_queue_id(now, (self.index, self.count))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -177,9 +226,7 @@ def _write_durably(path: Path, chunks: list[bytes]) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+            _write_all(fd, chunk)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -304,48 +351,95 @@ def _decode_state(raw: bytes) -> QueueState:
     )
 
 
-class Draft:
-    """A message being received: written to a temporary file as it arrives, made durable and
-    visible by `Spool.commit`, or thrown away by `discard`. A write that fails (a full
-    volume) is remembered in ``error`` and later writes are skipped, so the session can read
-    the rest of the message and answer 4xx."""
+SPILL_AT = 64 * 1024  # octets a draft holds in memory before a writer thread writes them
 
-    def __init__(self, envelope: Envelope, path: Path) -> None:
+
+class Draft:
+    """A message being received, made durable and visible by `Spool.commit` or thrown away
+    by `discard`.
+
+    What arrives is gathered in memory and handed to a writer thread once ``SPILL_AT``
+    octets are waiting, so a session holds at most ``SPILL_AT`` plus one read of its body,
+    and the event loop never creates, writes or unlinks a file: on a journalling filesystem
+    any of those can wait for a journal commit, stalling every session of the worker. A
+    message smaller than ``SPILL_AT`` touches the disk once, in `Spool.commit`'s single
+    thread hop. A write that fails (a full volume) is remembered in ``error`` and later
+    writes are skipped, so the session can read the rest of the message and answer 4xx.
+    """
+
+    def __init__(self, envelope: Envelope, path: Path, writers: ThreadPoolExecutor) -> None:
         self.envelope = envelope
         self.path = path
         self.tmp = path.with_name(f".tmp-{path.name}")
         self.error: OSError | None = None
         self.size = 0
-        self._fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        self._pending = bytearray()
+        self._fd: int | None = None
+        self._writers = writers
+        self._lock = threading.Lock()  # a spill still running when the session is aborted
+        self._discarded = False
 
-    def write(self, data: bytes) -> None:
-        if self._fd is None or self.error is not None or not data:
-            return
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except OSError as error:
-            self.error = error
-            self.discard()
+    def add(self, data: bytes) -> None:
+        """Append ``data`` in memory (the caller keeps it small; see `write`)."""
+        if self.error is None and not self._discarded:
+            self._pending += data
         self.size += len(data)
 
+    async def write(self, data: bytes) -> None:
+        """Append ``data``; once ``SPILL_AT`` octets wait, a writer thread writes them out."""
+        self.add(data)
+        if len(self._pending) >= SPILL_AT:
+            await asyncio.get_running_loop().run_in_executor(self._writers, self._spill)
+
+    def _spill(self) -> None:
+        """Write what waits to the temporary file (in a writer thread)."""
+        with self._lock:
+            pending, self._pending = self._pending, bytearray()
+            if self._discarded or self.error is not None:
+                return
+            try:
+                if self._fd is None:
+                    self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+                _write_all(self._fd, pending)
+            except OSError as error:
+                self.error = error
+                self._remove_file()
+
     def finish(self) -> None:
-        """fsync and rename into place (in a worker thread: it waits for the disk)."""
-        assert self._fd is not None
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
-            self._fd = None
-        os.replace(self.tmp, self.path)
+        """Write the rest, fsync and rename into place (in a writer thread)."""
+        self._spill()
+        with self._lock:
+            if self.error is not None:
+                raise self.error
+            if self._discarded or self._fd is None:
+                raise OSError(0, "draft discarded", str(self.tmp))
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+            os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
+        """Forget the message. Only a draft that has spilled has a file to remove, and
+        aborted or refused messages are rare: that unlink may run on the event loop."""
+        with self._lock:
+            self._discarded = True
+            self._pending = bytearray()
+            self._remove_file()
+
+    def _remove_file(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        with contextlib.suppress(OSError):
-            self.tmp.unlink()
+            with contextlib.suppress(OSError):
+                self.tmp.unlink()
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 class Spool:
@@ -356,6 +450,8 @@ class Spool:
     ) -> None:
         self.root = root
         self.shard = shard or Shard()
+        # whose shard the ids of accepted messages fall in (another worker's: handoff.py)
+        self.accept_shard = self.shard
         self.queue_dir = root / _QUEUE
         self.state_dir = root / _STATE
         self._clock = clock
@@ -378,6 +474,10 @@ class Spool:
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
+
+    def new_id(self, now: float) -> str:
+        """An id for a message being accepted (see ``accept_shard``)."""
+        return self.accept_shard.new_id(now)
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         """Be told the id of every message enqueued from now on."""
@@ -448,8 +548,8 @@ class Spool:
             options=options or MailOptions(),
             recipient_options=recipient_options,
         )
-        draft = Draft(envelope, self.queue_dir / f"{queue_id}{_SUFFIX}")
-        draft.write(_encode_envelope(envelope))
+        draft = Draft(envelope, self.queue_dir / f"{queue_id}{_SUFFIX}", self._writer_pool())
+        draft.add(_encode_envelope(envelope))
         return draft
 
     async def commit(self, draft: Draft) -> Envelope:
@@ -486,12 +586,18 @@ class Spool:
         return self._writers
 
     def open_message(self, queue_id: str) -> tuple[Envelope, MessageFile]:
-        """The envelope, and where the message is, to be read in pieces."""
+        """The envelope, and where the message is, to be read in pieces. While `locked`
+        holds the message, its descriptor serves every read of the attempt."""
         path = self.queue_dir / f"{queue_id}{_SUFFIX}"
-        with path.open("rb") as handle:
-            envelope = _decode_envelope(handle.readline(MAX_ENVELOPE))
-            offset = handle.tell()
-        return envelope, MessageFile(path, offset)
+        held = self._held.get(queue_id)
+        fd = held if held is not None else _open_for_reading(path)
+        try:
+            line = _read_envelope_line(fd)
+        finally:
+            if held is None:
+                os.close(fd)
+        envelope = _decode_envelope(line)
+        return envelope, MessageFile(path, len(line) + 1, held)
 
     def names(self) -> Iterator[str]:
         """Every queued message id, in directory order: one listing, nothing kept."""
@@ -557,6 +663,9 @@ class Spool:
         os.utime(self.queue_dir / f"{queue_id}{_SUFFIX}", (due, due))
 
     def contains(self, queue_id: str) -> bool:
+        held = self._held.get(queue_id)
+        if held is not None:  # `locked` holds it: no path lookup
+            return os.fstat(held).st_nlink > 0
         return (self.queue_dir / f"{queue_id}{_SUFFIX}").exists()
 
     def read(self, queue_id: str) -> tuple[Envelope, bytes]:
@@ -621,7 +730,7 @@ class Spool:
         or removed meanwhile). Waits up to ``timeout`` seconds for another holder, then
         raises `Busy`."""
         try:
-            fd = os.open(self.queue_dir / f"{queue_id}{_SUFFIX}", os.O_RDONLY)
+            fd = _open_for_reading(f"{self._queue_path}/{queue_id}{_SUFFIX}")
         except FileNotFoundError:
             yield False
             return

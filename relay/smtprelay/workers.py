@@ -4,8 +4,10 @@ The supervisor binds the SMTP socket, forks ``workers`` processes that all accep
 keeps for itself the PID file, the metrics endpoint (the workers' counters summed through
 prometheus_client's multiprocess files, plus the queue gauges) and signal handling. The
 spool stays one directory: each worker schedules the messages whose id falls in its shard
-(spool.Shard) and gives the messages it accepts ids in that shard, so no message is ever
-tried by two workers and a restart with another count shares the queue out anew.
+(spool.Shard), so no message is ever tried by two workers and a restart with another count
+shares the queue out anew. What a worker accepts it gives ids in the next worker's shard,
+which inotify tells of the new file (:mod:`smtprelay.handoff`): receive and delivery of one
+busy session run on two cores.
 
 A worker that dies takes the relay down (exit 1) rather than leaving a shard unserved: the
 kubelet restarts the pod, and the spool makes that lossless. A supervisor that dies takes its
@@ -32,7 +34,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from smtprelay import current, logs, metrics, reload, service
+from smtprelay import current, handoff, logs, metrics, reload, service
 from smtprelay.config import RelayConfig, split_hostport
 from smtprelay.logs import system_log
 from smtprelay.spool import PID_FILE, Shard, Spool, SpoolInUse, oldest_age
@@ -128,6 +130,7 @@ def _fork_worker(
     shard: Shard,
     stats: Path,
     source: reload.Source | None,
+    watches: list[int] | None,
 ) -> int:
     parent = os.getpid()
     pid = os.fork()
@@ -138,7 +141,15 @@ def _fork_worker(
         _die_with(parent)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         metrics.enable_multiprocess(stats)
-        run_loop(service.run(config, listener=listener, shard=shard, source=source))
+        watch = None
+        if watches is not None:
+            watch = watches[shard.index]
+            for other in watches:
+                if other != watch:
+                    os.close(other)
+        run_loop(
+            service.run(config, listener=listener, shard=shard, source=source, handoff_fd=watch)
+        )
         code = 0
     except service.StartError:
         code = 1
@@ -157,6 +168,7 @@ def _supervise(config: RelayConfig, count: int, source: reload.Source | None) ->
     listener = _listen(config)
     spool.remove_orphans()
     stats = Path(tempfile.mkdtemp(prefix="smtprelay-metrics-"))
+    watches = handoff.open_watches(spool.queue_dir, count)
     # What the workers inherit stays shared with the supervisor only while nobody writes to
     # its pages: a collection in a worker writes the GC header of every object it examines,
     # copying each page it touches (tens of MiB, sooner the more mail flows). Frozen objects
@@ -164,9 +176,11 @@ def _supervise(config: RelayConfig, count: int, source: reload.Source | None) ->
     gc.collect()
     gc.freeze()
     children = {
-        _fork_worker(config, listener, Shard(index, count), stats, source): index
+        _fork_worker(config, listener, Shard(index, count), stats, source, watches): index
         for index in range(count)
     }
+    for fd in watches or ():
+        os.close(fd)  # the workers have theirs
     try:
         # asyncio's own loop: the supervisor only reaps workers (SIGCHLD, which uvloop keeps
         # for itself) and serves metrics, off the mail path

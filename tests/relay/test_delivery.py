@@ -165,8 +165,8 @@ class TestConnectionCache:
     def test_messages_to_one_host_share_a_session(
         self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
     ) -> None:
-        """Back-to-back messages to the gateway travel on one connection (RSET between),
-        as Postfix's connection cache does."""
+        """Back-to-back messages to the gateway travel on one connection, as Postfix's
+        connection cache does."""
         dns = start_dns(_zone())
         gateway: Sink = start_sink("127.0.0.9", smtp_port)
         relay = _relay(
@@ -209,6 +209,57 @@ class TestConnectionCache:
         assert got.recipients == ("two@example.test",)
         attempts = [e for e in relay.events("delivery") if e["recipient"] == "two@example.test"]
         assert [e["outcome"] for e in attempts] == ["delivered"]
+
+    def test_a_session_the_host_timed_out_is_replaced_within_the_attempt(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """A gateway that ends a cached session (421 to the next MAIL, then closes) costs
+        the message no deferral: it goes out at once on a new connection."""
+        dns = start_dns(_zone())
+        gateway: Sink = start_sink("127.0.0.9", smtp_port, mails_per_session=1)
+        relay = _relay(
+            start_relay,
+            dns,
+            smtp_port,
+            gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
+            delivery={"concurrency": 1, "queueTimer": "1h"},
+        )
+        for number in range(3):
+            send(relay.port, "alice@sender.test", [f"r{number}@example.test"])
+        gateway.wait_for_messages(3)
+        wait_for(lambda: len(relay.events("delivery")) == 3, what="3 attempts logged")
+        assert [e["outcome"] for e in relay.events("delivery")] == ["delivered"] * 3
+        assert len({m.source for m in gateway.messages}) == 3
+
+    def test_a_session_left_mid_transaction_is_reset_before_reuse(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """A transaction whose every recipient was refused leaves MAIL open on the server;
+        the next message on that session is preceded by RSET (else: 503 nested MAIL)."""
+        dns = start_dns(_zone())
+        gateway: Sink = start_sink(
+            "127.0.0.9",
+            smtp_port,
+            rcpt_reply=lambda address: "550 5.1.1 no" if address.startswith("gone") else "250 OK",
+        )
+        relay = _relay(
+            start_relay,
+            dns,
+            smtp_port,
+            gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
+            delivery={"concurrency": 1},
+        )
+        send(relay.port, "alice@sender.test", ["gone@example.test"])
+        wait_for(lambda: relay.events("delivery"), what="the refused attempt")
+        send(relay.port, "alice@sender.test", ["here@example.test"])
+        wait_for(
+            lambda: any(m.recipients == ("here@example.test",) for m in gateway.messages),
+            what="the second message at the gateway",
+        )
+        # the bounce for gone@ to alice@ and the message to here@ both got through
+        others = [e for e in relay.events("delivery") if e["recipient"] != "gone@example.test"]
+        assert sorted(e["recipient"] for e in others) == ["alice@sender.test", "here@example.test"]
+        assert [e["outcome"] for e in others] == ["delivered", "delivered"]
 
 
 class TestConcurrency:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import smtplib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,11 @@ from smtprelay.spool import Shard
 
 from tests.peers import Relay, Sink, Zone, wait_for
 from tests.relay.mail import send
+
+
+def message_text(number: int) -> str:
+    return f"From: alice@sender.test\r\nSubject: {number}\r\n\r\nbody {number}\r\n"
+
 
 Start = Callable[..., Any]
 
@@ -142,6 +148,34 @@ class TestWorkers:
         wait_for(lambda: relay.queued() == [], what="the spool to empty")
         recipients = sorted(r for m in mx.messages for r in m.recipients)
         assert recipients == sorted(f"u{i}@later.test" for i in range(12))
+
+    def test_one_session_is_received_by_one_worker_and_delivered_by_the_other(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """Messages of one SMTP session all reach one worker; each is delivered by the other
+        worker (told by inotify, not by the queue timer, here an hour), so receive and
+        delivery of a busy session run on two cores."""
+        dns = start_dns(_zone())
+        mx: Sink = start_sink("127.0.0.4", smtp_port)
+        relay: Relay = start_relay(
+            {
+                "dnsServers": [dns.server],
+                "delivery": {"port": smtp_port, "queueTimer": "1h"},
+                "workers": 2,
+            }
+        )
+        wait_for(lambda: len(relay.events("started")) == 2, what="both workers")
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+            client.ehlo("client.test")
+            for i in range(8):
+                client.sendmail("alice@sender.test", [f"u{i}@later.test"], message_text(i))
+        mx.wait_for_messages(8, timeout=30)
+        wait_for(lambda: len(relay.events("delivery")) == 8, what="8 deliveries logged")
+        accepted = {e["queue_id"]: e["pid"] for e in relay.events("accepted")}
+        delivered = {e["queue_id"]: e["pid"] for e in relay.events("delivery")}
+        assert len(set(accepted.values())) == 1, "one session, one worker"
+        assert delivered.keys() == accepted.keys()
+        assert all(delivered[q] != accepted[q] for q in accepted), (accepted, delivered)
 
     def test_a_dead_worker_takes_the_relay_down_for_a_restart(self, start_relay: Start) -> None:
         """A worker killed from outside makes the supervisor stop the rest and exit 1, so the
