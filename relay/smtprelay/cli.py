@@ -76,10 +76,10 @@ def _queue(args: argparse.Namespace) -> int:
         print(f"smtprelay queue: {spool_dir} is not a spool directory", file=sys.stderr)
         return 1
     if args.action == "list":
-        from smtprelay.mailq import lines
+        from smtprelay import mailq
         from smtprelay.queuefiles import QueueFiles
 
-        sys.stdout.writelines(lines(QueueFiles(spool_dir)))
+        mailq.write(QueueFiles(spool_dir), sys.stdout)
         return 0
     import socket
     import time

@@ -13,14 +13,25 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
-from smtprelay.queuefiles import SUFFIX, QueueFiles, envelope_line
+from smtprelay.queuefiles import SUFFIX, QueueFiles, envelope_line, open_for_reading
 
 _decode = json.JSONDecoder().raw_decode  # from a str, without json.loads' layers
 _NOTHING = {"attempts": 0, "delivered": (), "failed": ()}
 HEADER = f"{'Queue ID':<22} {'Size':>8} {'Arrived (UTC)':<19} {'Tries':>5}  Sender / Recipients"
 _INDENT = " " * 59
+
+
+def write(files: QueueFiles, out: TextIO) -> None:
+    """The listing to ``out``, a few hundred rows a write."""
+    batch: list[str] = []
+    for line in lines(files):
+        batch.append(line)
+        if len(batch) >= 512:
+            out.write("".join(batch))
+            batch.clear()
+    out.write("".join(batch))
 
 
 def lines(files: QueueFiles) -> Iterator[str]:
@@ -46,10 +57,13 @@ def lines(files: QueueFiles) -> Iterator[str]:
 
 def _head(files: QueueFiles, queue_id: str) -> tuple[dict[str, Any] | None, int]:
     """The decoded envelope line (None when unreadable) and the queue file's size."""
-    fd = os.open(f"{files.queue_dir}/{queue_id}{SUFFIX}", os.O_RDONLY)
+    fd = open_for_reading(f"{files.queue_path}/{queue_id}{SUFFIX}")
     try:
-        line, _ = envelope_line(fd)
-        size = os.fstat(fd).st_size
+        head = os.pread(fd, 4096, 0)
+        if len(head) < 4096 and b"\n" in head:
+            line, size = head.partition(b"\n")[0], len(head)  # the whole file: no fstat
+        else:
+            line, size = envelope_line(fd)[0], os.fstat(fd).st_size
     finally:
         os.close(fd)
     try:

@@ -154,7 +154,7 @@ class QueueFiles:
         self.root = root
         self.queue_dir = root / QUEUE
         self.state_dir = root / STATE
-        self._queue_path = str(self.queue_dir)  # str paths: no pathlib cost per message
+        self.queue_path = self._queue_path = str(self.queue_dir)  # no pathlib per message
         self._state_path = str(self.state_dir)
         self._census: tuple[float, tuple[int, str | None]] | None = None  # (until, census)
         self._held: dict[str, int] = {}  # queue id -> the descriptor `locked` holds
@@ -253,7 +253,7 @@ class QueueFiles:
 
     def state_bytes(self, queue_id: str) -> bytes:
         """The state file as it is (up to `MAX_STATE` octets); OSError when there is none."""
-        fd = os.open(f"{self._state_path}/{queue_id}.json", os.O_RDONLY)
+        fd = open_for_reading(f"{self._state_path}/{queue_id}.json")  # rewritten often
         try:
             # a small read first: os.read(fd, 1 MiB) would allocate (and fault in) a MiB
             # for every state file, ~80 us each

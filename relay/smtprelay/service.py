@@ -167,6 +167,7 @@ async def run(
     ``handoff_fd`` (its inotify descriptor on the queue directory) it gives what it accepts
     to the next worker and schedules what the previous one gives it.
     """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # until _serve's handler is in
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_log_loop_errors)
     stop = stop or asyncio.Event()
@@ -360,6 +361,9 @@ async def _serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("flush", due=scheduler.flush()))
+    # `queue flush` (SIGUSR1) may come while this process was starting: it was held until
+    # now, when the schedule is loaded and the handler is in place, rather than killing us
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
 
     log.info(
         "started",

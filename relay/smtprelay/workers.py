@@ -175,6 +175,10 @@ def _supervise(config: RelayConfig, count: int, source: reload.Source | None) ->
     # are never examined.
     gc.collect()
     gc.freeze()
+    # `queue flush` (SIGUSR1, forwarded to every worker) is held, in the supervisor and in the
+    # workers that inherit the mask, until each has its handler: a flush right after the PID
+    # file appears must not kill a worker still loading a long queue
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     children = {
         _fork_worker(config, listener, Shard(index, count), stats, source, watches): index
         for index in range(count)
@@ -283,6 +287,7 @@ async def _parent(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, workers.forward, signal.SIGUSR1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # blocked before the fork
     workers.reap()  # a worker may have died before the handler was in place
 
     gauges = _QueueGauges(spool)

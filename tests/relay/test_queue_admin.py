@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from smtprelay import admin
 from smtprelay.cli import main
-from smtprelay.spool import Busy, Spool
+from smtprelay.spool import PID_FILE, Busy, Spool
 
 from tests.peers import Relay, Sink, Zone, wait_for
 from tests.relay.mail import send
@@ -152,3 +157,45 @@ class TestRace:
         assert len(mx.wait_for_messages()) == 1
         assert sender_mx.messages == []
         assert relay.events("bounced") == []
+
+
+class _Unstarted(Relay):
+    def start(self) -> None:
+        """Started by the test itself (Relay's own start waits for /readyz)."""
+
+
+class TestFlushAtStart:
+    @pytest.mark.parametrize("count", [1, 2])
+    def test_a_flush_as_soon_as_the_pid_file_appears_kills_nothing(
+        self, tmp_path: Path, count: int
+    ) -> None:
+        """`queue flush` signals the PID in the spool (SIGUSR1); one sent while the relay or
+        its workers are still starting is held until the handler is in place, then flushes,
+        instead of ending a process by SIGUSR1's default action."""
+        relay = _Unstarted(tmp_path, {"workers": count})
+        pid_file = relay.spool / PID_FILE
+        relay._log = relay.log_path.open("ab")
+        relay.process = subprocess.Popen(
+            [sys.executable, "-m", "smtprelay", "serve", "--config", str(relay.config_path)],
+            stdout=relay._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            pid = int(
+                wait_for(
+                    lambda: pid_file.exists() and pid_file.read_text().strip(),
+                    timeout=20,
+                    interval=0.001,
+                    what="the PID file",
+                )
+            )
+            for _ in range(200):  # a burst of flushes through the whole start-up
+                os.kill(pid, signal.SIGUSR1)
+                if relay.ready():
+                    break
+            wait_for(relay.ready, timeout=20, what="the relay's /readyz")
+            wait_for(lambda: len(relay.events("flush")) >= count, what="a flush in every worker")
+            assert relay.process.poll() is None
+            assert not relay.events("worker_exited")
+        finally:
+            relay.stop()
