@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import errno
+import functools
 import ipaddress
 import re
 import time
@@ -72,8 +73,14 @@ def parse_networks(cidrs: list[str]) -> list[Network]:
 
 def client_ip(peer: Any) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     host = peer[0] if isinstance(peer, tuple) else peer
+    return _parse_ip(str(host))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address, parsed once per address (several times a session otherwise)."""
     try:
-        address = ipaddress.ip_address(str(host).split("%", 1)[0])
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -185,8 +192,9 @@ class RelaySMTP(StreamingData, EsmtpParameters, SMTP):
 
     async def push(self, status: str) -> None:  # type: ignore[override]
         status = _ENHANCED.get(status, status)
-        if isinstance(status, str):  # AUTH challenges come as bytes, base64 already
-            status = _UNPRINTABLE.sub("?", status)  # replies echo what the client sent
+        # AUTH challenges come as bytes, base64 already; replies echo what the client sent
+        if isinstance(status, str) and not (status.isascii() and status.isprintable()):
+            status = _UNPRINTABLE.sub("?", status)
         if status == "250-8BITMIME":  # aiosmtpd has no DSN; offer it beside 8BITMIME
             await self.push("250-DSN")
         if self._users is None and status.startswith("250-AUTH"):
