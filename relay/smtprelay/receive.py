@@ -155,6 +155,7 @@ class RelaySMTP(StreamingData, EsmtpParameters, SMTP):
         self._errors = 0
         self._errors_limit = errors_limit
         self._data_timeout = data_timeout
+        self._continued: list[str] = []  # lines of a multi-line reply, sent with its last
         if debug_enabled():
             self._smtp_methods = {
                 name: self._transcribed(name, method) for name, method in self._smtp_methods.items()
@@ -199,6 +200,12 @@ class RelaySMTP(StreamingData, EsmtpParameters, SMTP):
             await self.push("250-DSN")
         if self._users is None and status.startswith("250-AUTH"):
             return  # aiosmtpd advertises AUTH under TLS; without a users file there is none
+        if isinstance(status, str) and status[3:4] == "-":
+            self._continued.append(status)  # a multi-line reply (EHLO) goes out in one send
+            return
+        if self._continued:
+            status = "\r\n".join([*self._continued, status])
+            self._continued.clear()
         if debug_enabled():
             record("out", self.peer_text, status)
         await super().push(status)
