@@ -14,6 +14,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -91,7 +92,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if address and not getattr(memo, "metrics_served", False):
         metrics.serve(address)
         memo.metrics_served = True
-    memo.worker_task = asyncio.create_task(queue.run(_worker(memo.context, queue), workers=workers))
+    # Their own threads: asyncio's default executor has min(32, CPUs + 4) threads, 6 on a
+    # 2-CPU node, which silently capped 8 workers at 6 reconciles at once.
+    memo.executor = reconcile_executor(workers)
+    work = worker(memo.context, queue, memo.executor)
+    memo.worker_task = asyncio.create_task(queue.run(work, workers=workers))
 
 
 @kopf.on.cleanup()
@@ -101,15 +106,28 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    executor = getattr(memo, "executor", None)
+    if executor is not None:
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _worker(context: reconcile.Context, queue: WorkQueue[RelayKey]) -> Any:
+def reconcile_executor(workers: int) -> ThreadPoolExecutor:
+    """One thread per worker: a reconcile blocks its thread on the API server."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+
+
+def worker(
+    context: reconcile.Context, queue: WorkQueue[RelayKey], executor: ThreadPoolExecutor
+) -> Any:
     async def work(key: RelayKey) -> bool | float | None:
         namespace, name = key
         metrics.QUEUED.set(queue.waiting)
+        loop = asyncio.get_running_loop()
         try:
             with metrics.DURATION.time():
-                result = await asyncio.to_thread(reconcile.reconcile, context, namespace, name)
+                result = await loop.run_in_executor(
+                    executor, reconcile.reconcile, context, namespace, name
+                )
         except Exception:
             metrics.RECONCILES.labels(outcome="failed").inc()
             _log.exception("%s/%s: reconcile failed; retrying with backoff", namespace, name)

@@ -89,14 +89,16 @@ class Rendered:
     """The PodMonitor and PrometheusRule spec.monitoring asks for (prometheus-operator)."""
 
     def objects(self) -> tuple[Object, ...]:
-        """In apply order: what the pod mounts exists before the Deployment asks for it;
-        monitoring last, so a cluster without prometheus-operator holds nothing back."""
+        """In apply order: what the pod mounts exists before the Deployment asks for it,
+        and nothing else comes before it (the Services select the pod whenever it comes,
+        so the pod does not wait for them); monitoring last, so a cluster without
+        prometheus-operator holds nothing back."""
         return (
             self.config_map,
             self.pvc,
+            self.deployment,
             self.service,
             self.metrics_service,
-            self.deployment,
             *self.monitoring,
         )
 

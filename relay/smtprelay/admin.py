@@ -1,4 +1,5 @@
-"""Queue administration: what ``mailq``, ``postqueue -f`` and ``postsuper -d`` give a Postfix admin.
+"""Queue administration, as ``postqueue -f``, ``postsuper -d`` and ``postcat`` for Postfix
+(``mailq``: mailq.py).
 
 These work on the spool directory, next to a running relay: ``flush`` asks the relay (by the
 PID in the spool) to try everything now. ``delete`` and ``bounce`` first take the message's
@@ -15,64 +16,14 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass
 
-from smtprelay.spool import PID_FILE, Busy, QueueState, Spool
+from smtprelay.spool import PID_FILE, Busy, Spool
 
 LOCK_WAIT = 90.0  # longer than one delivery attempt usually takes
 
 
-@dataclass(frozen=True)
-class Row:
-    id: str
-    arrived: str
-    size: int
-    sender: str
-    pending: tuple[str, ...]
-    attempts: int
-
-
 def _stamp(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
-
-
-def list_queue(spool: Spool) -> list[Row]:
-    """Every message's row: one read of each queue file's head, and of each state file that
-    a single listing of ``state/`` shows to exist (most new messages have none)."""
-    rows = []
-    with_state = spool.state_ids()
-    for queue_id in spool.ids():
-        try:
-            envelope, size = spool.peek(queue_id)
-        except FileNotFoundError:
-            continue  # delivered while we looked
-        state = spool.load_state(queue_id) if queue_id in with_state else QueueState()
-        rows.append(
-            Row(
-                id=queue_id,
-                arrived=_stamp(envelope.received),
-                size=size,
-                sender=envelope.sender or "<>",
-                pending=state.pending(envelope),
-                attempts=state.attempts,
-            )
-        )
-    return rows
-
-
-def format_rows(rows: list[Row]) -> str:
-    if not rows:
-        return "Mail queue is empty\n"
-    lines = [
-        f"{'Queue ID':<22} {'Size':>8} {'Arrived (UTC)':<19} {'Tries':>5}  Sender / Recipients"
-    ]
-    for row in rows:
-        lines.append(
-            f"{row.id:<22} {row.size:>8} {row.arrived:<19} {row.attempts:>5}  {row.sender}"
-        )
-        lines.extend(f"{'':<59}{recipient}" for recipient in row.pending)
-    lines.append(f"-- {len(rows)} message(s)")
-    return "\n".join(lines) + "\n"
 
 
 def show(spool: Spool, queue_id: str) -> str:

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import getpass
-import socket
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from smtprelay import admin
-from smtprelay.spool import Busy, Spool
 
 if TYPE_CHECKING:
     from smtprelay.config import RelayConfig
 
-# Settings (pydantic), password hashing and the server are imported by the commands that
-# use them: `queue list` is run by hand and by scripts, and should start at once.
+# Settings (pydantic), password hashing, the spool's writer (asyncio, threads) and the
+# server are imported by the commands that use them: `queue list` is run by hand and by
+# scripts, and should start at once (it needs mailq.py and queuefiles.py only).
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,10 +75,19 @@ def _queue(args: argparse.Namespace) -> int:
     if not spool_dir.is_dir():
         print(f"smtprelay queue: {spool_dir} is not a spool directory", file=sys.stderr)
         return 1
-    spool = Spool(spool_dir)
     if args.action == "list":
-        sys.stdout.write(admin.format_rows(admin.list_queue(spool)))
+        from smtprelay.mailq import lines
+        from smtprelay.queuefiles import QueueFiles
+
+        sys.stdout.writelines(lines(QueueFiles(spool_dir)))
         return 0
+    import socket
+    import time
+
+    from smtprelay import admin
+    from smtprelay.spool import Busy, Spool
+
+    spool = Spool(spool_dir)
     if args.action == "flush":
         count, pid = admin.flush(spool)
         relay = f"relay (pid {pid}) notified" if pid else "no running relay found"
@@ -115,6 +119,8 @@ def _queue(args: argparse.Namespace) -> int:
 
 def _hash_password(args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
+        import getpass
+
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
             print("smtprelay hash-password: the passwords differ", file=sys.stderr)

@@ -273,7 +273,9 @@ class Scheduler:
             return None
         if new_state.pending(envelope):
             due = started + settings.delivery.queue_timer
-            await asyncio.to_thread(self._spool.defer, queue_id, new_state, due)
+            # an in-place write and a utime, page cache only (~15 us): cheaper here than
+            # the thread hop it would take
+            self._spool.defer(queue_id, new_state, due)
             return due
         await asyncio.to_thread(self._spool.remove, queue_id, release=True)
         return None

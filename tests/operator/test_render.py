@@ -423,6 +423,18 @@ class TestMonitoring:
             assert 'namespace="team-a", job="team-a/mail"' in item["expr"]
             assert item["labels"]["smtprelay"] == "mail"
 
+    def test_the_deployment_follows_what_the_pod_mounts_and_nothing_else(self) -> None:
+        """ConfigMap and PVC before the Deployment; the Services after it, so a new relay's
+        pod is asked for two requests sooner."""
+        kinds = [obj["kind"] for obj in make().objects()]
+        assert kinds == [
+            "ConfigMap",
+            "PersistentVolumeClaim",
+            "Deployment",
+            "Service",
+            "Service",
+        ]
+
     def test_monitoring_is_applied_after_the_deployment(self) -> None:
         """A cluster without prometheus-operator's CRDs holds back nothing else."""
         rendered = make({"monitoring": {"podMonitor": True, "prometheusRule": True}})

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from smtprelay import admin
+from smtprelay import admin, mailq
 from smtprelay.config import parse_config
+from smtprelay.queuefiles import QueueFiles
 from smtprelay.route import MxResolver
 from smtprelay.schedule import Scheduler, Setup
 from smtprelay.spool import QueueState, Spool, oldest_age
@@ -143,3 +146,38 @@ class TestFlushCommand:
             queue.defer(queue_id, QueueState(attempts=1), time.time() + 3600)
         assert admin.flush(queue) == (3, None)
         assert all(entry.due <= time.time() for entry in Spool(tmp_path).scan())
+
+
+class TestQueueList:
+    def test_rows_show_pending_recipients_and_survive_a_torn_envelope(self, tmp_path: Path) -> None:
+        """Settled recipients are not listed; an unreadable queue file is a row saying so,
+        not a crash of the whole listing."""
+        queue = Spool(tmp_path)
+        envelope = asyncio.run(
+            queue.enqueue(sender="", recipients=("a@x.test", "b@x.test"), data=b"hello")
+        )
+        queue.save_state(envelope.id, QueueState(attempts=3, delivered=frozenset({"a@x.test"})))
+        torn = f"{envelope.id[:11]}ffffffffff"
+        (tmp_path / "queue" / f"{torn}.eml").write_bytes(b'{"id": "' + torn.encode())
+        listing = "".join(mailq.lines(QueueFiles(tmp_path))).splitlines()
+        assert listing[0] == mailq.HEADER
+        first = listing.index(next(line for line in listing if line.startswith(envelope.id)))
+        assert listing[first].split()[-2:] == ["3", "<>"]
+        assert listing[first + 1].strip() == "b@x.test"
+        assert any(line.startswith(torn) and "(unreadable envelope)" in line for line in listing)
+        assert listing[-1] == "-- 2 message(s)"
+        assert "".join(mailq.lines(QueueFiles(tmp_path / "none"))) == "Mail queue is empty\n"
+
+    def test_queue_list_starts_without_the_spool_writer(self, tmp_path: Path) -> None:
+        """`queue list` imports neither asyncio nor the spool's writer (run by hand and by
+        scripts, it should start at once)."""
+        Spool(tmp_path)
+        probe = (
+            "import sys; from smtprelay.cli import main; "
+            f"main(['queue', '--spool', {str(tmp_path)!r}, 'list']); "
+            "print(sorted(m for m in ('asyncio', 'smtprelay.spool', 'pydantic') if m in sys.modules))"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+        )
+        assert result.stdout.splitlines() == ["Mail queue is empty", "[]"]

@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from smtprelay import bounce, spool
+from smtprelay import bounce, queuefiles, spool
 from smtprelay.config import parse_config
 from smtprelay.dsn import MailOptions, RecipientOptions
 from smtprelay.route import choose_route, group_by_route, uses_gateway
@@ -118,9 +118,9 @@ class TestSpool:
     def test_state_files_of_older_relays_still_read(self) -> None:
         """A state file without 'warned' (written before delayWarning) reads as not warned."""
         old = b'{"attempts": 2, "delivered": ["a@x.test"], "failed": []}'
-        state = spool._decode_state(old)
+        state = queuefiles.decode_state(old)
         assert (state.attempts, state.warned) == (2, False)
-        assert spool._decode_state(spool._encode_state(replace(state, warned=True))).warned
+        assert queuefiles.decode_state(queuefiles.encode_state(replace(state, warned=True))).warned
 
     def test_enqueued_message_is_on_disk_with_its_envelope(self, tmp_path: Path) -> None:
         """After enqueue returns, a reader of the directory sees envelope and content."""
