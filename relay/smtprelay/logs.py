@@ -77,6 +77,7 @@ class DayFileSink:
         self._clock = clock
         self._day: dt.date | None = None
         self._handle: TextIO | None = None
+        self._day_starts = self._day_ends = 0.0  # the open file's day, in clock seconds
         self._lock = threading.Lock()
 
     def _open(self, today: dt.date) -> TextIO:
@@ -113,13 +114,19 @@ class DayFileSink:
 
     def write(self, event: MutableMapping[str, Any]) -> None:
         now = self._clock()
-        today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+        line = _json(event) + "\n"
         with self._lock:
-            handle = self._handle if self._day == today and self._handle else self._open(today)
+            handle = self._handle
+            if handle is None or not self._day_starts <= now < self._day_ends:
+                today = dt.datetime.fromtimestamp(now, dt.UTC).date()
+                handle = self._handle if self._day == today and self._handle else self._open(today)
+                self._day_starts = dt.datetime.combine(today, dt.time(), dt.UTC).timestamp()
+                self._day_ends = self._day_starts + 86400
             try:
-                handle.write(_json(event) + "\n")
+                handle.write(line)
                 handle.flush()
-                os.utime(handle.fileno(), (now, now))
+                if self._clock is not time.time:  # the write stamped the real time already
+                    os.utime(handle.fileno(), (now, now))
             except OSError:
                 self._discard()  # drop what is buffered: memory stays bounded on a full disk
                 raise
@@ -331,17 +338,28 @@ def close() -> None:
     _ROUTER.mail = _ROUTER.stdout
 
 
+_LOGGERS: dict[str, Any] = {}
+
+
+def _channel(name: str) -> Any:
+    """One bound logger per channel, made once (binding costs a logger object per line)."""
+    logger = _LOGGERS.get(name)
+    if logger is None:
+        logger = _LOGGERS[name] = structlog.get_logger().bind(_channel=name)
+    return logger
+
+
 def mail_log() -> Any:
-    return structlog.get_logger().bind(_channel="mail")
+    return _channel("mail")
 
 
 def system_log() -> Any:
-    return structlog.get_logger().bind(_channel="system")
+    return _channel("system")
 
 
 def transcript_log() -> Any:
     """SMTP transcripts: written to the mail target only when ``logging.debug`` is on."""
-    return structlog.get_logger().bind(_channel="debug")
+    return _channel("debug")
 
 
 def debug_enabled() -> bool:
