@@ -107,27 +107,15 @@ def received_header(
     ).encode("utf-8", "replace")
 
 
-_PROTOCOL_NAMES: dict[type, list[str]] = {}
+_NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}
 
 
-def _protocol_names(cls: type) -> list[str]:
-    """The attributes aiosmtpd's ``SMTP.__init__`` builds its command and AUTH tables from."""
-    names = _PROTOCOL_NAMES.get(cls)
+def _names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
+    """The attributes of ``cls`` that aiosmtpd's ``SMTP.__init__`` looks for, by prefix:
+    computed once per class, as they are fixed per class."""
+    names = _NAMES.get((cls, prefixes))
     if names is None:
-        names = [name for name in dir(cls) if name.startswith(("smtp_", "auth_"))]
-        _PROTOCOL_NAMES[cls] = names
-    return names
-
-
-_HOOK_NAMES: dict[type, list[str]] = {}
-
-
-def _hook_names(cls: type) -> list[str]:
-    """The handler attributes aiosmtpd's ``SMTP.__init__`` looks for (hooks, AUTH)."""
-    names = _HOOK_NAMES.get(cls)
-    if names is None:
-        names = [name for name in dir(cls) if name.startswith(("handle_", "auth_"))]
-        _HOOK_NAMES[cls] = names
+        names = _NAMES[(cls, prefixes)] = [n for n in dir(cls) if n.startswith(prefixes)]
     return names
 
 
@@ -177,7 +165,7 @@ class RelaySMTP(StreamingData, EsmtpParameters, SMTP):
         # aiosmtpd's SMTP.__init__ runs inspect.getmembers(self) and dir(self) for every new
         # connection, evaluating each attribute (properties included) to find a handful of
         # methods: about a tenth of a session's CPU. Those names are fixed per class.
-        return _protocol_names(type(self))
+        return _names(type(self), ("smtp_", "auth_"))
 
     # --- PROXY protocol -------------------------------------------------------------
 
@@ -346,7 +334,7 @@ class RelayHandler:
         # aiosmtpd's SMTP.__init__ runs inspect.getmembers() and dir() on the handler for
         # every new connection, evaluating each attribute to find its handle_/auth_ hooks:
         # about a third of a connection's set-up. Those names are fixed per class.
-        return _hook_names(type(self))
+        return _names(type(self), ("handle_", "auth_"))
 
     def __init__(
         self,

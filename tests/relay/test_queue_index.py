@@ -93,17 +93,20 @@ class TestListing:
             assert time.monotonic() < deadline
         listings: list[float] = []
         census = queue.census
+        clock = [1000.0]  # the census's clock, advanced by the test: no real waiting
 
         def costly() -> tuple[int, str | None]:
-            listings.append(time.monotonic())
-            time.sleep(0.05)  # the cost of a long listing, not a wait for a condition
+            listings.append(clock[0])
+            clock[0] += 0.05  # the cost of a long listing
             return census()
 
+        monkeypatch.setattr(time, "monotonic", lambda: clock[0])  # queuefiles reads it
         monkeypatch.setattr(queue, "census", costly)
         queue._census = None
-        begin = time.monotonic()
-        while time.monotonic() < begin + 0.5:
+        begin = clock[0]
+        while clock[0] < begin + 0.5:  # a scrape every 0.01 s of that clock
             assert queue.recent_census()[0] == 3
+            clock[0] += 0.01
         assert len(listings) == 1
 
 
