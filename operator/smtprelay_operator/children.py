@@ -66,6 +66,25 @@ def _stamp(body: Mapping[str, Any]) -> tuple[str, str]:
     return str(meta.get("uid")), ""
 
 
+def _undone_within_a_second(
+    kind: str, previous: State, seen: State | None, after: State
+) -> bool:
+    """An edit and its repair in the same second as the operator's previous apply leave the
+    managedFields time as it was (it has one-second resolution), so the stamp cannot tell.
+    Then it is a repair when the watch reported the child changed since the previous apply
+    (``seen``) and this apply changed it again, away from both. A Deployment's status is
+    written all the time by its controller, so only its generation (its spec) counts; a
+    PVC's binding is a controller's write too, so for a PVC the stamp alone decides."""
+    if seen is None or kind == "PersistentVolumeClaim":
+        return False
+
+    def version(state: State) -> str:
+        return str(state.generation) if kind == "Deployment" else state.resource_version
+
+    before, between, now = version(previous), version(seen), version(after)
+    return between != before and now not in (before, between)
+
+
 def digest(obj: Mapping[str, Any]) -> str:
     """Of the rendered object: equal digests, byte-identical applies."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
@@ -130,22 +149,25 @@ class Children:
             applied = self._applied.get(key)
         return (True, applied.state) if applied is not None else (False, None)
 
-    def applied(self, obj: Mapping[str, Any], response: Mapping[str, Any]) -> bool:
-        """Note an apply of ``obj`` that left ``response``. True when it put back what
-        someone else had changed: the same content as the operator's previous apply, yet
-        the API server says the apply changed the operator's fields (or made a new object).
-        A resourceVersion comparison cannot tell: a controller's write (a PVC's binding)
-        may land between the watch's report and the apply."""
+    def applied(
+        self, obj: Mapping[str, Any], response: Mapping[str, Any], *, seen: State | None = None
+    ) -> bool:
+        """Note an apply of ``obj`` that left ``response``; ``seen``: the child as the watch
+        last reported it before the apply. True when the apply put back what someone else
+        had changed: the same content as the operator's previous apply, yet the API server
+        says the apply changed the operator's fields (or made a new object).
+        A resourceVersion comparison alone cannot tell: a controller's write (a PVC's
+        binding) may land between the watch's report and the apply."""
         record = _Applied(digest(obj), State.of(response), self._clock(), _stamp(response))
         key = key_of(obj)
         with self._lock:
             previous = self._applied.get(key)
             self._applied[key] = record
-        return (
-            previous is not None
-            and previous.digest == record.digest
-            and previous.stamp != record.stamp
-        )
+        if previous is None or previous.digest != record.digest:
+            return False
+        if previous.stamp != record.stamp:
+            return True
+        return _undone_within_a_second(key[0], previous.state, seen, record.state)
 
     def untouched(self, obj: Mapping[str, Any], *, max_age: float) -> bool:
         """Whether applying ``obj`` now would change nothing: the operator applied exactly

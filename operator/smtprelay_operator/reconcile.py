@@ -206,10 +206,10 @@ def _apply_children(
             failures.append(f"applying {target}: {error.reason}: {_api_message(error)}")
             config_failed = config_failed or obj["kind"] == "ConfigMap"
             continue
-        put_back = ctx.children.applied(obj, after)
+        known, state = before
+        put_back = ctx.children.applied(obj, after, seen=state)
         if obj["kind"] == "Deployment":
             deployment = after
-        known, state = before
         if caught_up and (put_back or (known and state is None)):  # changed, or deleted
             message = f"{target} was changed or deleted outside the operator; restored it"
             _log.info("%s/%s: %s", involved.namespace, involved.name, message)

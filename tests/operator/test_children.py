@@ -132,6 +132,47 @@ class TestChildren:
         recreated["metadata"]["uid"] = "u2"
         assert children.applied(changed, recreated)
 
+    def test_a_put_back_within_the_same_second_is_still_seen(self) -> None:
+        """managedFields times have one-second resolution: an edit and its repair in the
+        second of the operator's previous apply leave the stamp as it was. The watch's
+        report of the edit and the apply's new version tell instead."""
+        children = Children()
+        obj = _config_map()
+        children.applied(obj, _as_stored(obj, "10"))
+        children.watched(_key(obj), _as_stored(_config_map("hijacked"), "11"))
+        seen = children.before_apply(_key(obj))[1]
+        assert children.applied(obj, _as_stored(obj, "12"), seen=seen)
+        # The watch is behind the operator's own apply: a no-op apply is no repair.
+        children.applied(obj, _as_stored(obj, "20"), seen=seen)
+        assert not children.applied(obj, _as_stored(obj, "20"), seen=seen)
+
+    def test_a_deployment_repair_in_the_same_second_is_told_by_its_generation(self) -> None:
+        children = Children()
+        obj = _deployment()
+        children.applied(obj, _as_stored(obj, "10", generation=1))
+        # Its controller's status write is no edit; a no-op apply after it is no repair.
+        children.watched(_key(obj), _as_stored(obj, "11", generation=1, availableReplicas=1))
+        seen = children.before_apply(_key(obj))[1]
+        assert not children.applied(obj, _as_stored(obj, "12", generation=1), seen=seen)
+        # kubectl scale, then the apply puts the replicas back.
+        children.watched(_key(obj), _as_stored(_deployment(replicas=3), "13", generation=2))
+        seen = children.before_apply(_key(obj))[1]
+        assert children.applied(obj, _as_stored(obj, "14", generation=3), seen=seen)
+
+    def test_a_pvc_within_the_same_second_is_left_to_the_stamp(self) -> None:
+        """Its binding is a controller's write the operator's apply does not undo."""
+        children = Children()
+        pvc = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "mail-spool", "namespace": "team"},
+            "spec": {"resources": {"requests": {"storage": "1Gi"}}},
+        }
+        children.applied(pvc, _as_stored(pvc, "10"))
+        children.watched(_key(pvc), _as_stored(pvc, "11", phase="Bound"))
+        seen = children.before_apply(_key(pvc))[1]
+        assert not children.applied(pvc, _as_stored(pvc, "12", phase="Bound"), seen=seen)
+
     def test_forget_drops_a_gone_relays_children(self) -> None:
         children = Children()
         obj = _deployment()
