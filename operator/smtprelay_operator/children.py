@@ -66,9 +66,7 @@ def _stamp(body: Mapping[str, Any]) -> tuple[str, str]:
     return str(meta.get("uid")), ""
 
 
-def _undone_within_a_second(
-    kind: str, previous: State, seen: State | None, after: State
-) -> bool:
+def _undone_within_a_second(kind: str, previous: State, seen: State | None, after: State) -> bool:
     """An edit and its repair in the same second as the operator's previous apply leave the
     managedFields time as it was (it has one-second resolution), so the stamp cannot tell.
     Then it is a repair when the watch reported the child changed since the previous apply
