@@ -1,8 +1,9 @@
 """The queue's files as the queue side uses them: listings, due times, state files, the
 per-message lock, removal and setting aside.
 
-Layout and contracts: see spool.py. This module is what ``smtprelay queue list``, a start-up
-scan and the scheduler's bookkeeping need, and imports nothing heavier than ``json``: no
+Layout and contracts: see spool.py; names and limits on disk are queuelayout.py's (all
+``smtprelay queue list`` imports). This module is what a start-up scan, the queue commands
+and the scheduler's bookkeeping need, and imports nothing heavier than ``json``: no
 asyncio, no threads, no envelope decoder. Receiving a message (draft, enqueue, commit) and
 reading its envelope are spool.py's.
 
@@ -16,29 +17,40 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from smtprelay.queuelayout import (
+    CORRUPT,
+    MAX_ENVELOPE,
+    MAX_STATE,
+    QUEUE,
+    STATE,
+    SUFFIX,
+    envelope_line,
+    is_queue_file,
+    is_queue_id,
+    queued_ids,
+)
+
 if TYPE_CHECKING:
     from smtprelay.spool import Envelope
 
-QUEUE = "queue"
-STATE = "state"
-CORRUPT = "corrupt"
-SUFFIX = ".eml"
+__all__ = [  # the layout's names, still importable from here
+    "MAX_ENVELOPE",
+    "MAX_STATE",
+    "QUEUE",
+    "STATE",
+    "SUFFIX",
+    "envelope_line",
+    "is_queue_id",
+]
+
 PID_FILE = "smtprelay.pid"
 LOCK_FILE = "smtprelay.lock"
-MAX_ENVELOPE = 1024 * 1024  # 1000 recipients of 256 octets, with room
-MAX_STATE = 1024 * 1024  # as many settled recipients
-_ID = re.compile(r"^[0-9a-f]{21}$")  # new_queue_id's shape; anything else is not ours
-
-
-def is_queue_id(name: str) -> bool:
-    return _ID.match(name) is not None
 
 
 @dataclass(frozen=True)
@@ -94,19 +106,6 @@ def open_for_reading(path: str | Path) -> int:
 
 
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
-
-
-def envelope_line(fd: int) -> tuple[bytes, int]:
-    """A queue file's first line (its envelope, up to `MAX_ENVELOPE` octets) and the offset
-    of the message after it, read with ``pread`` from the start whatever the offset."""
-    head = os.pread(fd, 4096, 0)
-    while b"\n" not in head and len(head) < MAX_ENVELOPE:  # an envelope of many recipients
-        more = os.pread(fd, 65536, len(head))
-        if not more:
-            break
-        head += more
-    line, newline, _ = head.partition(b"\n")
-    return line, len(line) + len(newline)
 
 
 def encode_state(state: QueueState) -> bytes:
@@ -171,13 +170,12 @@ class QueueFiles:
             return  # a spool no relay has used yet
         with listing:
             for entry in listing:
-                name = entry.name
-                if name.endswith(SUFFIX) and is_queue_id(name[: -len(SUFFIX)]):
+                if is_queue_file(name := entry.name):
                     yield name[: -len(SUFFIX)]
 
     def ids(self) -> list[str]:
         """Every queued message id, in arrival order."""
-        return sorted(self.names())
+        return queued_ids(self.queue_path)
 
     def census(self) -> tuple[int, str | None]:
         """How many messages are queued, and the oldest one's id (ids sort by arrival)."""
@@ -207,8 +205,7 @@ class QueueFiles:
         """
         with os.scandir(self.queue_dir) as listing:
             for entry in listing:
-                name = entry.name
-                if not name.endswith(SUFFIX) or not is_queue_id(name[: -len(SUFFIX)]):
+                if not is_queue_file(name := entry.name):
                     continue  # a temporary file, or a stray one remove_orphans sets aside
                 if not self.owns(name[: -len(SUFFIX)]):
                     continue  # another worker's
@@ -235,14 +232,6 @@ class QueueFiles:
         if held is not None:  # `locked` holds it: no path lookup
             return os.fstat(held).st_nlink > 0
         return os.path.exists(f"{self._queue_path}/{queue_id}{SUFFIX}")
-
-    def state_ids(self) -> set[str]:
-        """Ids of the messages that have a state file."""
-        try:
-            with os.scandir(self.state_dir) as listing:
-                return {entry.name[:-5] for entry in listing if entry.name.endswith(".json")}
-        except FileNotFoundError:
-            return set()
 
     def load_state(self, queue_id: str) -> QueueState:
         """The saved state; a missing or torn state file means nothing was recorded yet."""
@@ -388,7 +377,7 @@ class QueueFiles:
             name = entry.name
             if name.startswith((".tmp-", ".probe-")):
                 continue
-            if not (name.endswith(SUFFIX) and is_queue_id(name[: -len(SUFFIX)])):
+            if not is_queue_file(name):
                 self._set_aside(Path(entry.path))
                 removed += 1
         for entry in os.scandir(self.state_dir):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import subprocess
 import sys
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 from smtprelay import admin, mailq
 from smtprelay.config import parse_config
-from smtprelay.queuefiles import QueueFiles
 from smtprelay.route import MxResolver
 from smtprelay.schedule import Scheduler, Setup
 from smtprelay.spool import QueueState, Spool, oldest_age
@@ -27,6 +27,12 @@ def _fill(queue: Spool, count: int) -> list[str]:
         ]
 
     return asyncio.run(fill())
+
+
+def _listing(spool: Path) -> str:
+    out = io.StringIO()
+    mailq.write(spool, out, fork=False)
+    return out.getvalue()
 
 
 def _scheduler(queue: Spool, tmp_path: Path) -> Scheduler:
@@ -162,23 +168,25 @@ class TestQueueList:
         queue.save_state(envelope.id, QueueState(attempts=3, delivered=frozenset({"a@x.test"})))
         torn = f"{envelope.id[:11]}ffffffffff"
         (tmp_path / "queue" / f"{torn}.eml").write_bytes(b'{"id": "' + torn.encode())
-        listing = "".join(mailq.lines(QueueFiles(tmp_path))).splitlines()
+        listing = _listing(tmp_path).splitlines()
         assert listing[0] == mailq.HEADER
         first = listing.index(next(line for line in listing if line.startswith(envelope.id)))
         assert listing[first].split()[-2:] == ["3", "<>"]
         assert listing[first + 1].strip() == "b@x.test"
         assert any(line.startswith(torn) and "(unreadable envelope)" in line for line in listing)
         assert listing[-1] == "-- 2 message(s)"
-        assert "".join(mailq.lines(QueueFiles(tmp_path / "none"))) == "Mail queue is empty\n"
+        assert _listing(tmp_path / "none") == "Mail queue is empty\n"
 
     def test_queue_list_starts_without_the_spool_writer(self, tmp_path: Path) -> None:
-        """`queue list` imports neither asyncio nor the spool's writer (run by hand and by
-        scripts, it should start at once)."""
+        """`queue list` imports neither asyncio nor the spool's writer nor the queue side's
+        bookkeeping, not even dataclasses or typing (run by hand and by scripts, it should
+        start at once)."""
         Spool(tmp_path)
         probe = (
             "import sys; from smtprelay.cli import main; "
             f"main(['queue', '--spool', {str(tmp_path)!r}, 'list']); "
-            "print(sorted(m for m in ('asyncio', 'smtprelay.spool', 'pydantic') if m in sys.modules))"
+            "print(sorted(m for m in ('asyncio', 'smtprelay.spool', 'pydantic', "
+            "'smtprelay.queuefiles', 'dataclasses', 'typing') if m in sys.modules))"
         )
         result = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True

@@ -1,0 +1,218 @@
+"""``smtprelay queue list`` (mailq.py, forkmerge.py): hostile queue files give a row naming
+them, never a crash, a hang or a forged row; the listing split over two processes is the
+single process's, byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from smtprelay import forkmerge, mailq
+from smtprelay.spool import QueueState, Spool
+
+NOW = 1_796_000_000.0
+
+
+def _listing(spool: Path, *, fork: bool, chunk: int = mailq.CHUNK) -> str:
+    out = io.StringIO()
+    mailq.write(spool, out, fork=fork, chunk=chunk)
+    return out.getvalue()
+
+
+def _queue_id(number: int) -> str:
+    """An id of the relay's shape (21 hex digits); ``number`` orders them."""
+    return f"{number:021x}"
+
+
+def _envelope(queue_id: str, **fields: object) -> bytes:
+    envelope: dict[str, object] = {"id": queue_id, "sender": "a@x.test", "recipients": ["b@y.test"]}
+    envelope |= {"received": NOW, "client": ""} | fields
+    return json.dumps(envelope).encode() + b"\nSubject: t\r\n\r\nhello\r\n"
+
+
+class _Hostile:
+    """A spool with one real message (through `Spool`) and, around it, a file of each
+    hostile kind; ``rows`` maps each id to the row its listing must show."""
+
+    def __init__(self, root: Path) -> None:
+        spool = Spool(root)
+        real = asyncio.run(spool.enqueue(sender="s@x.test", recipients=("r@y.test",), data=b"x"))
+        spool.save_state(real.id, QueueState(attempts=2))
+        self.root, self.queue, self.state = root, root / "queue", root / "state"
+        self.rows: dict[str, str] = {real.id: "    2  s@x.test"}
+        self._number = 0
+
+    def file(self, content: bytes, row: str, *, state: bytes | None = None) -> str:
+        queue_id = self._next()
+        (self.queue / f"{queue_id}.eml").write_bytes(content)
+        if state is not None:
+            (self.state / f"{queue_id}.json").write_bytes(state)
+        self.rows[queue_id] = row
+        return queue_id
+
+    def envelope(self, row: str, *, state: bytes | None = None, **fields: object) -> str:
+        queue_id = self._next()
+        return self.file(_envelope(queue_id, **fields), row, state=state)
+
+    def special(self, make: str, row: str) -> str:
+        queue_id = self._next()
+        path = self.queue / f"{queue_id}.eml"
+        if make == "symlink":
+            path.symlink_to("/dev/zero")
+        elif make == "directory":
+            path.mkdir()
+        else:
+            os.mkfifo(path)
+        self.rows[queue_id] = row
+        return queue_id
+
+    def _next(self) -> str:
+        self._number += 1
+        return _queue_id(self._number)
+
+
+def _hostile_spool(root: Path) -> _Hostile:
+    spool = _Hostile(root)
+    spool.file(b'{"id": "torn', "(unreadable envelope)")
+    spool.file(b"\xff\xfe" + _envelope("x")[2:], "(unreadable envelope)")
+    spool.file(b"garbage\n", "(unreadable envelope)")
+    spool.envelope("(unreadable envelope)", recipients=7)
+    spool.envelope("(unreadable envelope)", received=1e300)  # beyond gmtime
+    spool.file(b"{" * (2 * 1024 * 1024), "2097152 ?")  # no newline in 2 MiB: read 1 MiB of it
+    spool.special("symlink", "(unreadable envelope: a symbolic link)")
+    spool.special("directory", "(unreadable envelope: a directory)")
+    spool.special("fifo", "(unreadable envelope: not a regular file)")
+    spool.envelope(
+        "a@x.test\\n000000000000000000099 forged", sender="a@x.test\n" + "0" * 19 + "99 forged"
+    )
+    spool.envelope("\\x1b[31mred\\udc80", sender="\x1b[31mred\udc80")
+    many = [f"r{number:04d}@y.test" for number in range(400)]  # a head beyond 4 KiB
+    spool.envelope(f"{' ' * 59}r0399@y.test", recipients=many)
+    spool.file(b"[" * 100_000 + b"\n", "(unreadable envelope)")  # the decoder's recursion limit
+    settled = json.dumps({"attempts": 5, "delivered": ["b@y.test"], "failed": [], "warned": True})
+    spool.envelope(
+        f"    5  a@x.test\n{' ' * 59}c@y.test",
+        state=settled.encode(),
+        recipients=["b@y.test", "c@y.test"],
+    )
+    spool.envelope("    0  a@x.test", state=b"\xff not a state")
+    spool.envelope("    0  a@x.test", state=b'{"attempts": "many"}')
+    spool.envelope("    0  a@x.test", state=b"[" * 100_000)
+    return spool
+
+
+def _blocks(listing: str) -> dict[str, str]:
+    """Each message's lines (its row and recipients), by queue id."""
+    blocks: dict[str, str] = {}
+    queue_id = ""
+    for line in listing.splitlines()[1:-1]:
+        if line.startswith(" "):
+            blocks[queue_id] += "\n" + line
+        else:
+            queue_id = line.split()[0]
+            assert queue_id not in blocks, f"{queue_id} listed twice"
+            blocks[queue_id] = line
+    return blocks
+
+
+class TestHostileFiles:
+    def test_each_hostile_file_is_a_row_saying_what_it_is(self, tmp_path: Path) -> None:
+        """Torn, not UTF-8, not JSON, wrong types, a time beyond gmtime, 2 MiB without a
+        newline, a symlink, a directory, a FIFO: each a row; control characters escaped;
+        settled recipients left out; a torn state counts as no attempt."""
+        spool = _hostile_spool(tmp_path)
+        listing = _listing(tmp_path, fork=False)
+        lines = listing.splitlines()
+        assert lines[0] == mailq.HEADER
+        assert lines[-1] == f"-- {len(spool.rows)} message(s)"
+        blocks = _blocks(listing)
+        assert list(blocks) == sorted(spool.rows)  # no forged row, each once, in order
+        for queue_id, row in spool.rows.items():
+            assert row in blocks[queue_id], (queue_id, blocks[queue_id])
+        assert all("b@y.test" not in block for block in blocks.values() if "    5 " in block)
+
+    def test_the_command_lists_a_fifo_without_waiting(self, tmp_path: Path) -> None:
+        """A FIFO is opened without blocking: the command ends (a timeout would fail)."""
+        spool = _hostile_spool(tmp_path)
+        result = subprocess.run(
+            [sys.executable, "-m", "smtprelay", "queue", "--spool", str(tmp_path), "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        assert result.stdout == _listing(tmp_path, fork=False)
+        assert f"-- {len(spool.rows)} message(s)" in result.stdout
+
+
+class TestTwoProcesses:
+    @pytest.mark.parametrize("chunk", [1, 3])
+    def test_the_forked_listing_is_the_single_process_one(self, tmp_path: Path, chunk: int) -> None:
+        """Hostile files in either process's chunks: the same output, byte for byte."""
+        spool = _hostile_spool(tmp_path)
+        alone = _listing(tmp_path, fork=False)
+        assert _listing(tmp_path, fork=True, chunk=chunk) == alone
+        assert alone.endswith(f"-- {len(spool.rows)} message(s)\n")
+
+    def test_a_long_queue_forks_by_default_and_keeps_the_order(self, tmp_path: Path) -> None:
+        """Past `FORK_FROM` messages the command splits the work (on a machine with two
+        processors) and its output is the single process's; a reader that stops early
+        (``| head``) ends it quietly."""
+        spool = _Hostile(tmp_path)
+        [real] = spool.rows
+        for number in range(1, mailq.FORK_FROM + 100):
+            shutil.copyfile(spool.queue / f"{real}.eml", spool.queue / f"{_queue_id(number)}.eml")
+            shutil.copyfile(spool.state / f"{real}.json", spool.state / f"{_queue_id(number)}.json")
+        command = [sys.executable, "-m", "smtprelay", "queue", "--spool", str(tmp_path), "list"]
+        listed = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+        assert listed.stdout == _listing(tmp_path, fork=False)
+        assert listed.stdout.endswith(f"-- {mailq.FORK_FROM + 100} message(s)\n")
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as head:
+            assert head.stdout is not None
+            assert head.stderr is not None
+            assert head.stdout.readline().decode() == mailq.HEADER + "\n"
+            head.stdout.close()  # ~150 KiB still to write: more than the pipe holds
+            assert head.wait(timeout=60) == 1
+            assert head.stderr.read() == b""
+
+
+def _pid_of_chunk(items: Sequence[int]) -> tuple[bytes, int]:
+    return f"{os.getpid()}:{','.join(map(str, items))};".encode(), len(items)
+
+
+class TestForkMerge:
+    def test_chunks_alternate_between_the_processes_in_order(self) -> None:
+        """Every other chunk is the child's; the results come back in the list's order."""
+        results = list(forkmerge.ordered(range(10), _pid_of_chunk, size=2, fork=True))
+        assert [count for _, count in results] == [2, 2, 2, 2, 2]
+        pids = [payload.decode().split(":")[0] for payload, _ in results]
+        items = [payload.decode().split(":")[1] for payload, _ in results]
+        assert items == ["0,1;", "2,3;", "4,5;", "6,7;", "8,9;"]
+        assert pids[0::2] == [str(os.getpid())] * 3
+        assert len(set(pids[1::2])) == 1
+        assert pids[1] != str(os.getpid())
+
+    def test_a_child_that_dies_leaves_its_chunks_to_the_parent(self) -> None:
+        """The child exits after its first chunk (a fault a test must make: the real
+        child only dies if killed): the parent computes the rest, nothing is lost."""
+        parent = os.getpid()
+
+        def work(items: Sequence[int]) -> tuple[bytes, int]:
+            if os.getpid() != parent and items[0] >= 4:
+                os._exit(3)
+            return _pid_of_chunk(items)
+
+        results = list(forkmerge.ordered(range(10), work, size=2, fork=True))
+        items = [payload.decode().split(":")[1] for payload, _ in results]
+        assert items == ["0,1;", "2,3;", "4,5;", "6,7;", "8,9;"]
+        pids = [payload.decode().split(":")[0] for payload, _ in results]
+        assert pids[1] != str(parent)
+        assert pids[2:] == [str(parent)] * 3
