@@ -168,18 +168,20 @@ class TestTwoProcesses:
         (``| head``) ends it quietly."""
         spool = _Hostile(tmp_path)
         [real] = spool.rows
-        for number in range(1, mailq.FORK_FROM + 100):
+        count = 1200  # ~150 KiB of rows: more than a pipe holds
+        assert count >= mailq.FORK_FROM
+        for number in range(1, count):
             shutil.copyfile(spool.queue / f"{real}.eml", spool.queue / f"{_queue_id(number)}.eml")
             shutil.copyfile(spool.state / f"{real}.json", spool.state / f"{_queue_id(number)}.json")
         command = [sys.executable, "-m", "smtprelay", "queue", "--spool", str(tmp_path), "list"]
         listed = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
         assert listed.stdout == _listing(tmp_path, fork=False)
-        assert listed.stdout.endswith(f"-- {mailq.FORK_FROM + 100} message(s)\n")
+        assert listed.stdout.endswith(f"-- {count} message(s)\n")
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as head:
             assert head.stdout is not None
             assert head.stderr is not None
             assert head.stdout.readline().decode() == mailq.HEADER + "\n"
-            head.stdout.close()  # ~150 KiB still to write: more than the pipe holds
+            head.stdout.close()  # with more than the pipe holds still to write
             assert head.wait(timeout=60) == 1
             assert head.stderr.read() == b""
 
