@@ -126,6 +126,9 @@ def _list(spool_dir: Path) -> int:
     except BrokenPipeError:  # `queue list | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 1
+    except OSError as error:  # queue/ or state/ unreadable: not a row, the whole listing
+        print(f"smtprelay queue list: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -116,6 +116,7 @@ class _Reader:
                 row = self._message(queue_id)  # long, torn, gone or not a file
                 if row is not None:
                     parts.append(row)
+                flags = self._flags  # without O_NOATIME if that was refused
                 continue
             attempts = 0
             settled: AbstractSet[Any] = _NO_ONE

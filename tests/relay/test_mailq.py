@@ -27,6 +27,12 @@ def _listing(spool: Path, *, fork: bool, chunk: int = mailq.CHUNK) -> str:
     return out.getvalue()
 
 
+def _command(spool: Path, prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """``smtprelay queue --spool SPOOL list`` as a user runs it."""
+    command = [*prefix, sys.executable, "-m", "smtprelay", "queue", "--spool", str(spool), "list"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
 def _queue_id(number: int) -> str:
     """An id of the relay's shape (21 hex digits); ``number`` orders them."""
     return f"{number:021x}"
@@ -77,6 +83,17 @@ class _Hostile:
     def _next(self) -> str:
         self._number += 1
         return _queue_id(self._number)
+
+
+def _copies(root: Path, count: int) -> _Hostile:
+    """A spool of ``count`` messages: one real one (through `Spool`) and copies of its
+    queue and state files under other ids."""
+    spool = _Hostile(root)
+    [real] = spool.rows
+    for number in range(1, count):
+        shutil.copyfile(spool.queue / f"{real}.eml", spool.queue / f"{_queue_id(number)}.eml")
+        shutil.copyfile(spool.state / f"{real}.json", spool.state / f"{_queue_id(number)}.json")
+    return spool
 
 
 def _hostile_spool(root: Path) -> _Hostile:
@@ -142,15 +159,33 @@ class TestHostileFiles:
     def test_the_command_lists_a_fifo_without_waiting(self, tmp_path: Path) -> None:
         """A FIFO is opened without blocking: the command ends (a timeout would fail)."""
         spool = _hostile_spool(tmp_path)
-        result = subprocess.run(
-            [sys.executable, "-m", "smtprelay", "queue", "--spool", str(tmp_path), "list"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
+        result = _command(tmp_path)
+        assert result.returncode == 0
         assert result.stdout == _listing(tmp_path, fork=False)
         assert f"-- {len(spool.rows)} message(s)" in result.stdout
+
+    def test_an_unreadable_queue_directory_is_one_clear_error(self, tmp_path: Path) -> None:
+        """``queue/`` that is not a directory: one line naming it, status 1, no traceback."""
+        (tmp_path / "queue").write_bytes(b"not a directory")
+        result = _command(tmp_path)
+        assert result.returncode == 1
+        assert result.stderr == f"smtprelay queue list: {tmp_path}/queue: Not a directory\n"
+
+    def test_files_of_another_owner_are_read_without_o_noatime(self, tmp_path: Path) -> None:
+        """``O_NOATIME`` is refused (EPERM) on another owner's files: the listing reopens
+        without it and shows the same rows, forked or not. As root the files are given to
+        nobody and the command runs without CAP_FOWNER (``setpriv``), which is what makes
+        the kernel refuse; as another user, the files are that user's own."""
+        spool = _copies(tmp_path, 1200)
+        prefix: list[str] = []
+        if os.geteuid() == 0:
+            for path in [*spool.queue.iterdir(), *spool.state.iterdir()]:
+                os.chown(path, 65534, 65534)
+            prefix = ["setpriv", "--bounding-set=-fowner", "--inh-caps=-fowner"]
+        listed = _command(tmp_path, prefix)
+        assert listed.returncode == 0
+        assert listed.stdout == _listing(tmp_path, fork=False)
+        assert listed.stdout.endswith("-- 1200 message(s)\n")
 
 
 class TestTwoProcesses:
@@ -166,17 +201,14 @@ class TestTwoProcesses:
         """Past `FORK_FROM` messages the command splits the work (on a machine with two
         processors) and its output is the single process's; a reader that stops early
         (``| head``) ends it quietly."""
-        spool = _Hostile(tmp_path)
-        [real] = spool.rows
         count = 1200  # ~150 KiB of rows: more than a pipe holds
         assert count >= mailq.FORK_FROM
-        for number in range(1, count):
-            shutil.copyfile(spool.queue / f"{real}.eml", spool.queue / f"{_queue_id(number)}.eml")
-            shutil.copyfile(spool.state / f"{real}.json", spool.state / f"{_queue_id(number)}.json")
-        command = [sys.executable, "-m", "smtprelay", "queue", "--spool", str(tmp_path), "list"]
-        listed = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+        _copies(tmp_path, count)
+        listed = _command(tmp_path)
+        assert listed.returncode == 0
         assert listed.stdout == _listing(tmp_path, fork=False)
         assert listed.stdout.endswith(f"-- {count} message(s)\n")
+        command = [sys.executable, "-m", "smtprelay", "queue", "--spool", str(tmp_path), "list"]
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as head:
             assert head.stdout is not None
             assert head.stderr is not None
