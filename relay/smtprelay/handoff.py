@@ -24,10 +24,14 @@ from pathlib import Path
 
 from smtprelay.logs import system_log
 
+IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
 IN_Q_OVERFLOW = 0x00004000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
+# A received message is written in place and closed once durable (spool.Draft); a bounce
+# or an older relay's message is renamed into place.
+_WATCHED = IN_CLOSE_WRITE | IN_MOVED_TO
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len octets of NUL-padded name
 _READ_SIZE = 65536
 
@@ -53,7 +57,7 @@ def parse_events(buffer: bytes) -> tuple[list[str], bool]:
 
 
 class QueueWatch:
-    """inotify on the queue directory: ``arrived(name)`` for each file renamed into it,
+    """inotify on the queue directory: ``arrived(name)`` for each file committed in it,
     ``overflowed()`` when events were lost."""
 
     def __init__(
@@ -96,7 +100,7 @@ def open_watches(directory: Path, count: int) -> list[int] | None:
     fds: list[int] = []
     for _ in range(count):
         fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        if fd >= 0 and libc.inotify_add_watch(fd, os.fsencode(directory), IN_MOVED_TO) < 0:
+        if fd >= 0 and libc.inotify_add_watch(fd, os.fsencode(directory), _WATCHED) < 0:
             os.close(fd)
             fd = -1
         if fd < 0:

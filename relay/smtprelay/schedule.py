@@ -25,7 +25,15 @@ from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.route import MxResolver, ResolveFailure, Route, group_by_route
 from smtprelay.scache import ConnectionCache
-from smtprelay.spool import Busy, Envelope, MessageFile, QueueState, Spool, is_queue_id
+from smtprelay.spool import (
+    Busy,
+    Envelope,
+    Incomplete,
+    MessageFile,
+    QueueState,
+    Spool,
+    is_queue_id,
+)
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,7 @@ class Scheduler:
             self._push(queue_id, 0.0)
 
     def arrived(self, name: str) -> None:
-        """A file was renamed into the queue directory (handoff.py): a message of this shard
+        """A file was committed in the queue directory (handoff.py): a message of this shard
         that another worker accepted, or one this worker knows already (pushed again,
         harmlessly: an attempt of a message already gone ends at once)."""
         queue_id = name.removesuffix(".eml")
@@ -209,6 +217,10 @@ class Scheduler:
             return self._spool.open_message(queue_id)
         except FileNotFoundError:
             return None  # deleted by an administrator meanwhile
+        except Incomplete as error:  # a crash cut its receipt short: never answered 250
+            self._spool.remove(queue_id)
+            system_log().warning("incomplete_removed", queue_id=queue_id, reason=str(error))
+            return None
         except (ValueError, KeyError, TypeError) as error:  # torn or foreign: never retried
             self._quarantine(queue_id, f"unreadable: {error}")
             return None

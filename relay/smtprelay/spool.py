@@ -12,8 +12,11 @@ A message's queue file doubles as its lock (``flock``): the relay holds it throu
 delivery attempt and queue commands take it before they delete, bounce or reschedule, so an
 administrator never removes a message in the middle of an attempt that then delivers it.
 
-A message exists once its ``queue/<id>.eml`` has been written, fsynced, renamed into place and
-the directory fsynced; only then does the relay answer 250. A state file is overwritten in
+A message exists once its ``queue/<id>.eml`` has been written with its length in its envelope
+line and fsynced, and the directory fsynced; only then does the relay answer 250. A received
+message is written under its final name, locked by its writer until then (`Draft`); one a
+crash cut short declares a length other than its size and is removed, never delivered.
+Messages the relay makes itself (bounces) are written under a temporary name and renamed. A state file is overwritten in
 place and not fsynced: losing or tearing one is harmless, the message is merely tried again
 (at worst sent twice).
 Directory fsyncs are grouped, so concurrent messages share one.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import random
@@ -32,6 +36,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from smtprelay.dsn import MailOptions, RecipientOptions
 from smtprelay.queuefiles import (
@@ -250,7 +255,10 @@ def _encode_envelope(envelope: Envelope) -> bytes:
 
 
 def _decode_envelope(line: bytes) -> Envelope:
-    header = json.loads(line)
+    return _envelope_of(json.loads(line))
+
+
+def _envelope_of(header: dict[str, Any]) -> Envelope:
     return Envelope(
         id=header["id"],
         sender=header["sender"],
@@ -265,11 +273,50 @@ def _decode_envelope(line: bytes) -> Envelope:
 
 
 SPILL_AT = 64 * 1024  # octets a draft holds in memory before a writer thread writes them
+LENGTH_WIDTH = 20  # the envelope's "length" field: digits right-aligned after JSON spaces
+
+
+def length_field(length: int) -> bytes:
+    """The envelope line's last field, fixed in width so it can be written over in place:
+    ``,"length":<spaces><digits>}`` (whitespace before a JSON value is allowed)."""
+    return b',"length":' + str(length).rjust(LENGTH_WIDTH).encode() + b"}\n"
+
+
+def _draft_header(envelope: Envelope) -> bytes:
+    """A draft's envelope line, declaring a length of 0 until `Draft.finish` writes the
+    file's real length over it."""
+    return _encode_envelope(envelope)[:-2] + length_field(0)
+
+
+class Incomplete(ValueError):
+    """A queue file whose declared length is not its size: a receipt a crash cut short
+    (it was never answered 250)."""
+
+
+def check_complete(header: dict[str, object], size: int) -> None:
+    """Raise `Incomplete` unless a queue file of ``size`` octets is whole. Files written
+    by `Spool.enqueue` (renamed into place) and by older relays declare no length."""
+    declared = header.get("length")
+    if declared is None:
+        return
+    if not isinstance(declared, int) or isinstance(declared, bool):
+        raise ValueError(f"envelope length is not a number: {declared!r}")
+    if declared != size:
+        raise Incomplete(f"declares {declared} octets, holds {size}")
 
 
 class Draft:
     """A message being received, made durable and visible by `Spool.commit` or thrown away
     by `discard`.
+
+    The file is written under its final name, flock'ed by the writer from its creation
+    until the commit is over, and declares its own length in the envelope line: the length
+    is written (over a placeholder of 0) just before the fsync. So one fsync makes the data,
+    the declared length and the directory entry durable together (on ext4 a file's fsync
+    commits the journal transaction that created its name; the directory fsync after it
+    finds nothing left to commit), where a temporary name renamed into place took a second
+    journal commit. A reader that takes the lock and finds the length wrong has a file a
+    crash cut short, which never got a 250; until the writer lets go, attempts find it busy.
 
     What arrives is gathered in memory and handed to a writer thread once ``SPILL_AT``
     octets are waiting, so a session holds at most ``SPILL_AT`` plus one read of its body,
@@ -283,10 +330,13 @@ class Draft:
     def __init__(self, envelope: Envelope, path: Path, writers: ThreadPoolExecutor) -> None:
         self.envelope = envelope
         self.path = path
-        self.tmp = path.with_name(f".tmp-{path.name}")
         self.error: OSError | None = None
         self.size = 0
-        self._pending = bytearray()
+        header = _draft_header(envelope)
+        self._length_at = len(header) - 2 - LENGTH_WIDTH  # where the digits go
+        self._pending = bytearray(header)
+        self._written = 0  # octets in the file
+        self._stamped = False  # the real length is in the file's envelope line
         self._fd: int | None = None
         self._writers = writers
         self._lock = threading.Lock()  # a spill still running when the session is aborted
@@ -304,34 +354,54 @@ class Draft:
         if len(self._pending) >= SPILL_AT:
             await asyncio.get_running_loop().run_in_executor(self._writers, self._spill)
 
-    def _spill(self) -> None:
-        """Write what waits to the temporary file (in a writer thread)."""
+    def _spill(self, *, last: bool = False) -> None:
+        """Write what waits to the file (in a writer thread); ``last``: the whole message
+        is here, so the real length goes in before the first write if it can."""
         with self._lock:
             pending, self._pending = self._pending, bytearray()
             if self._discarded or self.error is not None:
                 return
             try:
                 if self._fd is None:
-                    self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+                    if last:
+                        digits = str(len(pending)).rjust(LENGTH_WIDTH).encode()
+                        pending[self._length_at : self._length_at + LENGTH_WIDTH] = digits
+                        self._stamped = True
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 _write_all(self._fd, pending)
+                self._written += len(pending)
             except OSError as error:
                 self.error = error
                 self._remove_file()
 
-    def finish(self) -> None:
-        """Write the rest, fsync and rename into place (in a writer thread)."""
-        self._spill()
+    def write_rest(self) -> None:
+        """Write what waits and the real length (in a writer thread): after this the file
+        exists under its name and holds the whole message."""
+        self._spill(last=True)
         with self._lock:
             if self.error is not None:
                 raise self.error
             if self._discarded or self._fd is None:
-                raise OSError(0, "draft discarded", str(self.tmp))
-            try:
-                os.fsync(self._fd)
-            finally:
+                raise OSError(0, "draft discarded", str(self.path))
+            if not self._stamped:  # spilled before the end: the length goes over the 0
+                digits = str(self._written).rjust(LENGTH_WIDTH).encode()
+                os.pwrite(self._fd, digits, self._length_at)
+
+    def sync(self) -> None:
+        """fsync the file (in a writer thread); it stays open and locked until `close`."""
+        with self._lock:
+            if self._fd is None:
+                raise OSError(0, "draft discarded", str(self.path))
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Let go of the committed file: readers may take it now (inotify's close-write
+        event tells the worker that delivers it)."""
+        with self._lock:
+            if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-            os.replace(self.tmp, self.path)
 
     def discard(self) -> None:
         """Forget the message. Only a draft that has spilled has a file to remove, and
@@ -343,10 +413,10 @@ class Draft:
 
     def _remove_file(self) -> None:
         if self._fd is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # before the close: no reader takes an unfinished file
             os.close(self._fd)
             self._fd = None
-            with contextlib.suppress(OSError):
-                self.tmp.unlink()
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
@@ -370,6 +440,7 @@ class Spool(QueueFiles):
         self.queue_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._queue_sync = _GroupSync(self.queue_dir)
+        self._dir_syncers: ThreadPoolExecutor | None = None
         self._writers: ThreadPoolExecutor | None = None
 
     def owns(self, queue_id: str) -> bool:
@@ -458,14 +529,12 @@ class Spool(QueueFiles):
             options=options or MailOptions(),
             recipient_options=recipient_options,
         )
-        draft = Draft(envelope, self.queue_dir / f"{queue_id}{_SUFFIX}", self._writer_pool())
-        draft.add(_encode_envelope(envelope))
-        return draft
+        return Draft(envelope, self.queue_dir / f"{queue_id}{_SUFFIX}", self._writer_pool())
 
     async def commit(self, draft: Draft) -> Envelope:
-        """Make a draft durable: fsync, rename and the grouped directory fsync, in one hop to
-        a writer thread, as `enqueue` does; when this returns, the message survives any
-        crash."""
+        """Make a draft durable: its length, the fsync and the grouped directory fsync, in
+        one hop to a writer thread, as `enqueue` does; when this returns, the message
+        survives any crash."""
         if draft.error is not None:
             raise draft.error
         await asyncio.get_running_loop().run_in_executor(
@@ -476,17 +545,29 @@ class Spool(QueueFiles):
         return draft.envelope
 
     def _commit_draft(self, draft: Draft) -> None:
+        """The file's fsync and the directory's run at once: the name exists since the
+        draft's file was created, so a directory fsync begun now covers it, and the two
+        waits (a journal commit and a device cache flush) overlap instead of adding up."""
         try:
-            draft.finish()
+            draft.write_rest()
+            directory = self._dir_pool().submit(self._queue_sync.sync)
+            try:
+                draft.sync()
+            finally:
+                failed = directory.exception()
+            if failed is not None:
+                raise failed
         except OSError:
             draft.discard()
             raise
-        try:
-            self._queue_sync.sync()
-        except OSError:
-            with contextlib.suppress(OSError):
-                draft.path.unlink()
-            raise
+        draft.close()
+
+    def _dir_pool(self) -> ThreadPoolExecutor:
+        if self._dir_syncers is None:
+            # Apart from the writers: a writer waits for these, so sharing their pool could
+            # leave every thread waiting for a task queued behind it.
+            self._dir_syncers = ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="dirsync")
+        return self._dir_syncers
 
     def _writer_pool(self) -> ThreadPoolExecutor:
         if self._writers is None:
@@ -503,10 +584,14 @@ class Spool(QueueFiles):
         fd = held if held is not None else open_for_reading(path)
         try:
             line, offset = envelope_line(fd)
+            header = json.loads(line)
+            if not isinstance(header, dict):
+                raise ValueError("the envelope line is not a JSON object")
+            check_complete(header, os.fstat(fd).st_size)
         finally:
             if held is None:
                 os.close(fd)
-        return _decode_envelope(line), MessageFile(path, offset, held)
+        return _envelope_of(header), MessageFile(path, offset, held)
 
     def read(self, queue_id: str) -> tuple[Envelope, bytes]:
         """The envelope and the message as it was accepted."""

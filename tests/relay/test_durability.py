@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import smtplib
 import subprocess
@@ -10,6 +11,8 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from smtprelay.spool import Spool
 
 from tests.peers import Relay, Sink, Zone, wait_for
 from tests.relay.mail import message, send
@@ -46,6 +49,39 @@ class TestCrash:
         [restart] = [e for e in relay.events("started") if e["recovered"]]
         assert restart["recovered"] == 5
         wait_for(lambda: relay.queued() == [], what="the spool to empty")
+
+    def test_a_receipt_a_crash_cut_short_is_removed_never_delivered(
+        self, tmp_path: Path, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """A queue file whose size is not the length its envelope declares is what a crash
+        before the fsync leaves (no 250 was given): the relay removes it and says so, and
+        delivers the whole one beside it."""
+        spool_dir = tmp_path / "relay" / "spool"
+        queue = Spool(spool_dir)
+
+        async def receive(queue_id: str, text: bytes) -> None:
+            draft = queue.draft(
+                sender="alice@sender.test",
+                recipients=("bob@later.test",),
+                client="",
+                queue_id=queue_id,
+            )
+            await draft.write(b"Subject: " + text + b"\r\n\r\nbody\r\n")
+            await queue.commit(draft)
+
+        asyncio.run(receive("1a0000000000000000001", b"whole"))
+        asyncio.run(receive("1a0000000000000000002", b"cut"))
+        cut = spool_dir / "queue" / "1a0000000000000000002.eml"
+        cut.write_bytes(cut.read_bytes()[:-4])
+        sink: Sink = start_sink("127.0.0.1", smtp_port)
+        relay: Relay = start_relay({"gateway": {"host": f"127.0.0.1:{smtp_port}", "sendAll": True}})
+        [got] = sink.wait_for_messages(1)
+        assert b"Subject: whole" in got.data
+        wait_for(lambda: relay.events("incomplete_removed"), what="the cut file's removal")
+        [removed] = relay.events("incomplete_removed")
+        assert removed["queue_id"] == "1a0000000000000000002"
+        wait_for(lambda: relay.queued() == [], what="the spool to empty")
+        assert len(sink.messages) == 1
 
     def test_sigterm_exits_zero_and_keeps_the_queue(
         self, start_dns: Start, start_relay: Start, smtp_port: int

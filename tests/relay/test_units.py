@@ -6,6 +6,8 @@ import asyncio
 import email
 import email.policy
 import errno
+import json
+import re
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -133,6 +135,75 @@ class TestSpool:
         assert read_envelope == envelope
         assert data == b"Subject: s\r\n\r\nb"
         assert [entry.id for entry in again.scan()] == [envelope.id]
+
+    @pytest.mark.parametrize("size", [100, spool.SPILL_AT * 3 + 17])
+    def test_a_received_message_declares_its_length_and_reads_back_whole(
+        self, tmp_path: Path, size: int
+    ) -> None:
+        """Small (written once, at the commit) or spilled as it arrived (the length written
+        over its placeholder): the file declares its own size and the message reads back
+        as received, without the envelope line."""
+        queue = Spool(tmp_path)
+        body = b"Subject: s\r\n\r\n" + b"x" * size
+
+        async def receive() -> str:
+            draft = queue.draft(
+                sender="a@x.test", recipients=("b@y.test",), client="192.0.2.1", queue_id="q1"
+            )
+            for start in range(0, len(body), 4096):
+                await draft.write(body[start : start + 4096])
+            return (await queue.commit(draft)).id
+
+        queue_id = asyncio.run(receive())
+        path = tmp_path / "queue" / f"{queue_id}.eml"
+        line = path.read_bytes().partition(b"\n")[0]
+        assert json.loads(line)["length"] == path.stat().st_size
+        with queue.locked(queue_id) as present:
+            assert present
+            envelope, message = queue.open_message(queue_id)
+        assert envelope.sender == "a@x.test"
+        assert path.read_bytes()[message.offset :] == body
+        assert queue.read(queue_id)[1] == body
+
+    def test_a_message_being_received_is_busy_and_a_discarded_one_leaves_nothing(
+        self, tmp_path: Path
+    ) -> None:
+        """The draft's file exists under its final name as soon as it spills; until the
+        commit lets go of it, an attempt finds it busy and cannot take it for a message."""
+        queue = Spool(tmp_path)
+
+        async def spill() -> spool.Draft:
+            draft = queue.draft(sender="", recipients=("b@y.test",), client="", queue_id="q2")
+            await draft.write(b"x" * spool.SPILL_AT)
+            return draft
+
+        draft = asyncio.run(spill())
+        assert queue.contains("q2")
+        with pytest.raises(spool.Busy), queue.locked("q2"):
+            pass
+        draft.discard()
+        assert not queue.contains("q2")
+        assert list((tmp_path / "queue").iterdir()) == []
+
+    def test_a_file_whose_size_is_not_its_declared_length_is_incomplete(
+        self, tmp_path: Path
+    ) -> None:
+        queue = Spool(tmp_path)
+
+        async def receive() -> str:
+            draft = queue.draft(sender="", recipients=("b@y.test",), client="", queue_id="q3")
+            await draft.write(b"Subject: s\r\n\r\nbody\r\n")
+            return (await queue.commit(draft)).id
+
+        queue_id = asyncio.run(receive())
+        path = tmp_path / "queue" / f"{queue_id}.eml"
+        path.write_bytes(path.read_bytes()[:-3])  # what a crash before the fsync may leave
+        with queue.locked(queue_id), pytest.raises(spool.Incomplete, match="declares"):
+            queue.open_message(queue_id)
+        raw = re.sub(rb'"length": *[0-9]+', b'"length":"12"', path.read_bytes(), count=1)
+        path.write_bytes(raw)  # hostile: a length that is not a number
+        with queue.locked(queue_id), pytest.raises(ValueError, match="not a number"):
+            queue.open_message(queue_id)
 
     def test_concurrent_messages_share_directory_fsyncs(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
