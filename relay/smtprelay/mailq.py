@@ -96,7 +96,8 @@ class _Reader:
                 os.close(fd)
 
     def rows(self, ids: Sequence[str]) -> tuple[bytes, int]:
-        """The rows of these messages (UTF-8), and how many messages are still queued.
+        """The rows of these messages (UTF-8), and how many are queued (not gone, not
+        being received).
 
         One loop with the common case inline (a queue file whose first 4 KiB hold all of
         it, a state file in its usual form): this is the listing's cost per message."""
@@ -132,11 +133,15 @@ class _Reader:
                     attempts, settled = _attempts_settled(self._state_of(queue_id))
             except OSError:
                 pass  # none yet (or not a file): nothing recorded
-            parts.append(_format(queue_id, len(head), head[:end], attempts, settled, stamp))
+            if (
+                row := _format(queue_id, len(head), head[:end], attempts, settled, stamp)
+            ) is not None:
+                parts.append(row)
         return "".join(parts).encode(), len(parts)
 
     def _message(self, queue_id: str) -> str | None:
-        """The rows of one message read on the careful path; None when it is gone."""
+        """The rows of one message read on the careful path; None when it is gone or not
+        yet (or never) accepted."""
         try:
             line, size = self._head(queue_id)
         except FileNotFoundError:
@@ -211,11 +216,20 @@ def _attempts_settled(state: Any) -> tuple[int, AbstractSet[Any]]:
 
 def _format(
     queue_id: str, size: int, line: bytes, attempts: int, settled: AbstractSet[Any], stamp: _Stamp
-) -> str:
-    """The rows of one message: its envelope line decoded, the recipients not yet settled."""
+) -> str | None:
+    """The rows of one message: its envelope line decoded, the recipients not yet settled.
+    None for a file whose declared length is not its size: a message still being received
+    (its writer fills in the length before the fsync and the 250) or one a crash cut short
+    before its 250, which the relay removes; like Postfix's showq, which lists only queue
+    files their writer has marked complete."""
     try:
         envelope = _decode(line.decode())[0]
         arrived = stamp(float(envelope["received"]))
+        if (length := envelope.get("length")) is not None:  # written in place (spool.Draft)
+            if type(length) is not int:
+                raise TypeError("the envelope's length is not a number")
+            if length != size:
+                return None
         sender = str(envelope["sender"]) or "<>"
         if not sender.isprintable():
             sender = _shown(sender)

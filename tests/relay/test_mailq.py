@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from smtprelay import forkmerge, mailq
-from smtprelay.spool import QueueState, Spool
+from smtprelay.spool import SPILL_AT, Draft, QueueState, Spool
 
 NOW = 1_796_000_000.0
 
@@ -186,6 +186,38 @@ class TestHostileFiles:
         assert listed.returncode == 0
         assert listed.stdout == _listing(tmp_path, fork=False)
         assert listed.stdout.endswith("-- 1200 message(s)\n")
+
+
+class TestBeingReceived:
+    def test_a_message_is_listed_once_its_declared_length_is_its_size(self, tmp_path: Path) -> None:
+        """A draft that has spilled (its file under its final name, declaring length 0) is
+        not listed, nor a file a crash cut short (declaring more than it holds); once
+        committed the message is, with its size."""
+        queue = Spool(tmp_path)
+        receiving, cut = _queue_id(2), _queue_id(1)
+
+        async def start() -> Draft:
+            draft = queue.draft(
+                sender="a@x.test", recipients=("b@y.test",), client="", queue_id=cut
+            )
+            await draft.write(b"Subject: s\r\n\r\nbody\r\n")
+            await queue.commit(draft)
+            draft = queue.draft(
+                sender="a@x.test", recipients=("b@y.test",), client="", queue_id=receiving
+            )
+            await draft.write(b"x" * SPILL_AT)
+            return draft
+
+        draft = asyncio.run(start())
+        path = tmp_path / "queue" / f"{cut}.eml"
+        path.write_bytes(path.read_bytes()[:-3])  # what a crash before the fsync may leave
+        assert (tmp_path / "queue" / f"{receiving}.eml").stat().st_size > SPILL_AT
+        assert _listing(tmp_path, fork=False) == "Mail queue is empty\n"
+        asyncio.run(queue.commit(draft))
+        size = (tmp_path / "queue" / f"{receiving}.eml").stat().st_size
+        blocks = _blocks(_listing(tmp_path, fork=False))
+        assert list(blocks) == [receiving]
+        assert blocks[receiving].split()[1] == str(size)
 
 
 class TestTwoProcesses:
