@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from smtprelay import forkmerge, mailq
+from smtprelay.cli import main
 from smtprelay.spool import SPILL_AT, Draft, QueueState, Spool
 
 NOW = 1_796_000_000.0
@@ -186,6 +187,25 @@ class TestHostileFiles:
         assert listed.returncode == 0
         assert listed.stdout == _listing(tmp_path, fork=False)
         assert listed.stdout.endswith("-- 1200 message(s)\n")
+
+
+class TestCommandLine:
+    def test_the_plain_form_and_the_parser_give_the_same_listing(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``queue --spool DIR list`` is recognised without argparse; ``--spool=DIR`` goes
+        through it: the same rows, and the same refusal of a directory that is not a spool."""
+        _hostile_spool(tmp_path)
+        assert main(["queue", "--spool", str(tmp_path), "list"]) == 0
+        plain = capsys.readouterr().out
+        assert main(["queue", f"--spool={tmp_path}", "list"]) == 0
+        assert capsys.readouterr().out == plain == _listing(tmp_path, fork=False)
+        missing = tmp_path / "missing"
+        refusal = f"smtprelay queue: {missing} is not a spool directory\n"
+        assert main(["queue", "--spool", str(missing), "list"]) == 1
+        assert capsys.readouterr().err == refusal
+        assert main(["queue", f"--spool={missing}", "list"]) == 1
+        assert capsys.readouterr().err == refusal
 
 
 class TestBeingReceived:

@@ -179,14 +179,14 @@ class TestQueueList:
 
     def test_queue_list_starts_without_the_spool_writer(self, tmp_path: Path) -> None:
         """`queue list` imports neither asyncio nor the spool's writer nor the queue side's
-        bookkeeping, not even dataclasses or typing (run by hand and by scripts, it should
-        start at once)."""
+        bookkeeping, not even dataclasses, typing or (in its plain form) argparse: run by
+        hand and by scripts, it should start at once."""
         Spool(tmp_path)
         probe = (
             "import sys; from smtprelay.cli import main; "
             f"main(['queue', '--spool', {str(tmp_path)!r}, 'list']); "
             "print(sorted(m for m in ('asyncio', 'smtprelay.spool', 'pydantic', "
-            "'smtprelay.queuefiles', 'dataclasses', 'typing') if m in sys.modules))"
+            "'smtprelay.queuefiles', 'dataclasses', 'typing', 'argparse') if m in sys.modules))"
         )
         result = subprocess.run(
             [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
