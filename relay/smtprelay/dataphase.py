@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from smtprelay.bodystream import BodyDecoder
+from smtprelay.logs import system_log
 
 READ_SIZE = 65536
 
@@ -41,9 +42,18 @@ class StreamingData:
             await smtp.push("501 5.5.4 Syntax: DATA")
             return
         smtp._reset_timeout(self._data_timeout)
-        draft = self.event_handler.begin_message(self.session, self.envelope)
+        # The 354 goes first: the client starts sending while the draft is made.
+        await smtp.push("354 End data with <CR><LF>.<CR><LF>")
         try:
-            await smtp.push("354 End data with <CR><LF>.<CR><LF>")
+            draft = self.event_handler.begin_message(self.session, self.envelope)
+        except Exception:
+            # What the client sends now is message text: it must never be read as
+            # commands, so the session ends here (421 may come at any time, RFC 5321).
+            system_log().exception("data_failed", peer=str(self.session.peer))
+            await smtp.push("421 4.3.0 Local error in processing, closing connection")
+            self.transport.close()
+            return
+        try:
             body = BodyDecoder(size_limit=self.data_size_limit or None)
             while not body.done:
                 piece = await self._reader.read(READ_SIZE)

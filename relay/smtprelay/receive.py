@@ -559,14 +559,19 @@ class RelayHandler:
                 **facts,
             )
         METRICS.accepted.inc()
-        mail_log().info(
-            "accepted",
-            queue_id=stored.id,
-            client=stored.client,
-            helo=session.host_name,
-            size=body.size,
-            bare_newlines=body.bare_newlines,
-            **facts,
+        # Logged just after the 250 is written (the next turn of the loop, before the
+        # session's next command): the client need not wait for the log line.
+        asyncio.get_running_loop().call_soon(
+            functools.partial(
+                mail_log().info,
+                "accepted",
+                queue_id=stored.id,
+                client=stored.client,
+                helo=session.host_name,
+                size=body.size,
+                bare_newlines=body.bare_newlines,
+                **facts,
+            )
         )
         return f"250 2.0.0 Ok: queued as {stored.id}"
 

@@ -537,12 +537,17 @@ class Spool(QueueFiles):
         survives any crash."""
         if draft.error is not None:
             raise draft.error
-        await asyncio.get_running_loop().run_in_executor(
-            self._writer_pool(), self._commit_draft, draft
-        )
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer_pool(), self._commit_draft, draft)
+        # Durable now. Letting go of the file (and telling who delivers it) waits for the
+        # loop's next turn, after the caller has written its 250.
+        loop.call_soon(self._release, draft)
+        return draft.envelope
+
+    def _release(self, draft: Draft) -> None:
+        draft.close()
         for listener in self._listeners:
             listener(draft.envelope.id)
-        return draft.envelope
 
     def _commit_draft(self, draft: Draft) -> None:
         """The file's fsync and the directory's run at once: the name exists since the
@@ -560,7 +565,6 @@ class Spool(QueueFiles):
         except OSError:
             draft.discard()
             raise
-        draft.close()
 
     def _dir_pool(self) -> ThreadPoolExecutor:
         if self._dir_syncers is None:
