@@ -22,7 +22,7 @@ import os
 import re
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
 
 from smtprelay import forkmerge
@@ -42,7 +42,8 @@ _USUAL_STATE = re.compile(
 ).fullmatch
 HEADER = f"{'Queue ID':<22} {'Size':>8} {'Arrived (UTC)':<19} {'Tries':>5}  Sender / Recipients"
 _INDENT = " " * 59
-CHUNK = 256  # messages a chunk: a write, and a frame from the forked child
+CHUNK = 256  # messages a chunk: every other one is the forked child's
+PIECE = 256 * 1024  # characters of rows a write, and at most a frame from the child
 FORK_FROM = 512  # messages (two chunks): below this a fork (~1 ms) is not worth it
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 _O_NOATIME = getattr(os, "O_NOATIME", 0)  # refused (EPERM) on files of another owner
@@ -55,7 +56,7 @@ _REASONS = {
 
 def write(spool: Path | str, out: TextIO, *, fork: bool | None = None, chunk: int = CHUNK) -> None:
     """The listing of the spool directory ``spool`` to ``out``, oldest message first, a
-    chunk of rows a write. ``fork``: whether a child process formats half of it (by
+    chunk of rows (or a `PIECE` of them) a write. ``fork``: whether a child process formats half of it (by
     default with a long queue and more than one processor); the output is the same."""
     with _Reader(str(spool)) as reader:
         ids = queued_ids(reader.queue_path)
@@ -95,16 +96,22 @@ class _Reader:
             if fd >= 0:
                 os.close(fd)
 
-    def rows(self, ids: Sequence[str]) -> tuple[bytes, int]:
-        """The rows of these messages (UTF-8), and how many are queued (not gone, not
-        being received).
+    def rows(self, ids: Sequence[str]) -> Iterator[tuple[bytes, int, int]]:
+        """The rows of these messages (UTF-8) in pieces of about `PIECE` characters, each
+        with how many messages it lists (not gone, not being received) and how many of
+        ``ids`` are done; a huge envelope's rows never wait in memory with a chunk's.
 
         One loop with the common case inline (a queue file whose first 4 KiB hold all of
         it, a state file in its usual form): this is the listing's cost per message."""
         parts: list[str] = []
+        held = 0  # characters in parts
         flags, queue, state, stamp = self._flags, self._queue, self._state, self._stamp
         open_, pread, read, close = os.open, os.pread, os.read, os.close
-        for queue_id in ids:
+        for done, queue_id in enumerate(ids):
+            if held >= PIECE:
+                yield "".join(parts).encode(), len(parts), done
+                parts.clear()
+                held = 0
             try:
                 fd = open_(queue_id + SUFFIX, flags, dir_fd=queue)
                 try:
@@ -115,29 +122,27 @@ class _Reader:
                 head = b""  # the careful path says why
             if len(head) == 4096 or (end := head.find(b"\n")) < 0:
                 row = self._message(queue_id)  # long, torn, gone or not a file
-                if row is not None:
-                    parts.append(row)
                 flags = self._flags  # without O_NOATIME if that was refused
-                continue
-            attempts = 0
-            settled: AbstractSet[Any] = _NO_ONE
-            try:
-                fd = open_(queue_id + ".json", flags, dir_fd=state)
+            else:
+                attempts = 0
+                settled: AbstractSet[Any] = _NO_ONE
                 try:
-                    raw = read(fd, 4096)
-                finally:
-                    close(fd)
-                if (usual := _USUAL_STATE(raw)) is not None:
-                    attempts = int(usual[1])
-                else:
-                    attempts, settled = _attempts_settled(self._state_of(queue_id))
-            except OSError:
-                pass  # none yet (or not a file): nothing recorded
-            if (
-                row := _format(queue_id, len(head), head[:end], attempts, settled, stamp)
-            ) is not None:
+                    fd = open_(queue_id + ".json", flags, dir_fd=state)
+                    try:
+                        raw = read(fd, 4096)
+                    finally:
+                        close(fd)
+                    if (usual := _USUAL_STATE(raw)) is not None:
+                        attempts = int(usual[1])
+                    else:
+                        attempts, settled = _attempts_settled(self._state_of(queue_id))
+                except OSError:
+                    pass  # none yet (or not a file): nothing recorded
+                row = _format(queue_id, len(head), head[:end], attempts, settled, stamp)
+            if row is not None:
                 parts.append(row)
-        return "".join(parts).encode(), len(parts)
+                held += len(row)
+        yield "".join(parts).encode(), len(parts), len(ids)
 
     def _message(self, queue_id: str) -> str | None:
         """The rows of one message read on the careful path; None when it is gone or not

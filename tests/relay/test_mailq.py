@@ -8,10 +8,11 @@ import asyncio
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,44 @@ class TestHostileFiles:
         assert listed.stdout.endswith("-- 1200 message(s)\n")
 
 
+class TestMemory:
+    def test_huge_envelopes_are_listed_within_a_bounded_address_space(self, tmp_path: Path) -> None:
+        """Twelve envelopes of 200,000 one-letter recipients (800 KB each, under
+        `MAX_ENVELOPE`) make ~12 MB of rows each, 146 MB in all: written a piece at a
+        time, the listing fits in 200 MiB of address space (forked or not), where holding a
+        chunk's rows took more than 250."""
+        Spool(tmp_path)
+        for number in range(1, 13):
+            queue_id = _queue_id(number)
+            envelope = _envelope(queue_id, recipients=["a"] * 200_000)
+            (tmp_path / "queue" / f"{queue_id}.eml").write_bytes(envelope)
+        limit = 200 * 1024 * 1024
+
+        def bounded() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+        command = [sys.executable, "-m", "smtprelay", "queue", "--spool", str(tmp_path), "list"]
+        listing = tmp_path / "listing"
+        with listing.open("wb") as out:
+            result = subprocess.run(
+                command,
+                stdout=out,
+                stderr=subprocess.PIPE,
+                preexec_fn=bounded,
+                timeout=120,
+                check=False,
+            )
+        assert result.stderr == b""
+        assert result.returncode == 0
+        lines = 0
+        with listing.open("rb") as written:
+            while block := written.read(1 << 20):
+                lines += block.count(b"\n")
+            written.seek(-30, os.SEEK_END)
+            assert written.read().endswith(b"\n-- 12 message(s)\n")
+        assert lines == 12 * 200_001 + 2
+
+
 class TestCommandLine:
     def test_the_plain_form_and_the_parser_give_the_same_listing(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -241,11 +280,15 @@ class TestBeingReceived:
 
 
 class TestTwoProcesses:
-    @pytest.mark.parametrize("chunk", [1, 3])
-    def test_the_forked_listing_is_the_single_process_one(self, tmp_path: Path, chunk: int) -> None:
-        """Hostile files in either process's chunks: the same output, byte for byte."""
+    @pytest.mark.parametrize(("chunk", "piece"), [(1, mailq.PIECE), (3, mailq.PIECE), (5, 1)])
+    def test_the_forked_listing_is_the_single_process_one(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int, piece: int
+    ) -> None:
+        """Hostile files in either process's chunks, a chunk in one piece or a piece a
+        message: the same output, byte for byte."""
         spool = _hostile_spool(tmp_path)
         alone = _listing(tmp_path, fork=False)
+        monkeypatch.setattr(mailq, "PIECE", piece)
         assert _listing(tmp_path, fork=True, chunk=chunk) == alone
         assert alone.endswith(f"-- {len(spool.rows)} message(s)\n")
 
@@ -270,35 +313,57 @@ class TestTwoProcesses:
             assert head.stderr.read() == b""
 
 
-def _pid_of_chunk(items: Sequence[int]) -> tuple[bytes, int]:
-    return f"{os.getpid()}:{','.join(map(str, items))};".encode(), len(items)
+def _one_piece_each(items: Sequence[int]) -> Iterator[tuple[bytes, int, int]]:
+    """A piece per item, naming the process that made it."""
+    for done, item in enumerate(items, 1):
+        yield f"{os.getpid()}:{item}".encode(), 1, done
+
+
+def _made(results: list[tuple[bytes, int]]) -> list[tuple[int, int]]:
+    """(item, pid) of each piece, in the order they came."""
+    pairs = [payload.decode().split(":") for payload, _ in results]
+    return [(int(item), int(pid)) for pid, item in pairs]
 
 
 class TestForkMerge:
     def test_chunks_alternate_between_the_processes_in_order(self) -> None:
-        """Every other chunk is the child's; the results come back in the list's order."""
-        results = list(forkmerge.ordered(range(10), _pid_of_chunk, size=2, fork=True))
-        assert [count for _, count in results] == [2, 2, 2, 2, 2]
-        pids = [payload.decode().split(":")[0] for payload, _ in results]
-        items = [payload.decode().split(":")[1] for payload, _ in results]
-        assert items == ["0,1;", "2,3;", "4,5;", "6,7;", "8,9;"]
-        assert pids[0::2] == [str(os.getpid())] * 3
-        assert len(set(pids[1::2])) == 1
-        assert pids[1] != str(os.getpid())
+        """Every other chunk is the child's; the pieces come back in the list's order."""
+        results = list(forkmerge.ordered(range(10), _one_piece_each, size=2, fork=True))
+        made = _made(results)
+        assert [item for item, _ in made] == list(range(10))
+        assert [count for _, count in results] == [1] * 10
+        parent = os.getpid()
+        assert {pid for item, pid in made if item // 2 % 2 == 0} == {parent}
+        [child] = {pid for item, pid in made if item // 2 % 2 == 1}
+        assert child != parent
 
     def test_a_child_that_dies_leaves_its_chunks_to_the_parent(self) -> None:
-        """The child exits after its first chunk (a fault a test must make: the real
-        child only dies if killed): the parent computes the rest, nothing is lost."""
+        """The child exits at its second chunk (a fault a test must make: the real child
+        only dies if killed): the parent does that chunk and the rest, nothing is lost."""
         parent = os.getpid()
 
-        def work(items: Sequence[int]) -> tuple[bytes, int]:
+        def work(items: Sequence[int]) -> Iterator[tuple[bytes, int, int]]:
             if os.getpid() != parent and items[0] >= 4:
                 os._exit(3)
-            return _pid_of_chunk(items)
+            yield from _one_piece_each(items)
 
-        results = list(forkmerge.ordered(range(10), work, size=2, fork=True))
-        items = [payload.decode().split(":")[1] for payload, _ in results]
-        assert items == ["0,1;", "2,3;", "4,5;", "6,7;", "8,9;"]
-        pids = [payload.decode().split(":")[0] for payload, _ in results]
-        assert pids[1] != str(parent)
-        assert pids[2:] == [str(parent)] * 3
+        made = _made(list(forkmerge.ordered(range(10), work, size=2, fork=True)))
+        assert [item for item, _ in made] == list(range(10))
+        assert {pid for item, pid in made if item in (2, 3)} != {parent}
+        assert {pid for item, pid in made if item >= 4} == {parent}
+
+    def test_a_child_that_dies_inside_a_chunk_leaves_only_the_rest_of_it(self) -> None:
+        """The child sent the first piece of its chunk [9, 10, 11] and died making the
+        third: the parent does 10 and 11, and 9 is not listed twice."""
+        parent = os.getpid()
+
+        def work(items: Sequence[int]) -> Iterator[tuple[bytes, int, int]]:
+            for piece in _one_piece_each(items):
+                if os.getpid() != parent and piece[0].endswith(b":11"):
+                    os._exit(3)
+                yield piece
+
+        made = _made(list(forkmerge.ordered(range(12), work, size=3, fork=True)))
+        assert [item for item, _ in made] == list(range(12))
+        assert parent not in {pid for item, pid in made if item in (3, 4, 5, 9)}
+        assert {pid for item, pid in made if item in (10, 11)} == {parent}
