@@ -10,8 +10,8 @@ processors a forked child formats every other chunk (forkmerge.py). Imports ``js
 A queue file is the relay's own, but the listing trusts nothing in it: a symbolic link, a
 directory, a FIFO or a device is a row naming it (opened without following links and
 without blocking), an envelope that is torn, not UTF-8 or not JSON is a row saying so, a
-huge one is read up to `MAX_ENVELOPE`, and control characters in an address are shown
-escaped, so no file can forge a row.
+huge one is read up to `MAX_ENVELOPE` and its rows written a `PIECE` at a time, and
+control characters in an address are shown escaped, so no file can forge a row.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ _USUAL_STATE = re.compile(
 HEADER = f"{'Queue ID':<22} {'Size':>8} {'Arrived (UTC)':<19} {'Tries':>5}  Sender / Recipients"
 _INDENT = " " * 59
 CHUNK = 256  # messages a chunk: every other one is the forked child's
-PIECE = 256 * 1024  # characters of rows a write, and at most a frame from the child
+PIECE = (
+    256 * 1024
+)  # characters of rows a write (and a frame from the child), give or take a message
 FORK_FROM = 512  # messages (two chunks): below this a fork (~1 ms) is not worth it
 _FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
 _O_NOATIME = getattr(os, "O_NOATIME", 0)  # refused (EPERM) on files of another owner
@@ -56,8 +58,9 @@ _REASONS = {
 
 def write(spool: Path | str, out: TextIO, *, fork: bool | None = None, chunk: int = CHUNK) -> None:
     """The listing of the spool directory ``spool`` to ``out``, oldest message first, a
-    chunk of rows (or a `PIECE` of them) a write. ``fork``: whether a child process formats half of it (by
-    default with a long queue and more than one processor); the output is the same."""
+    chunk of rows (or a `PIECE` of them) a write. ``fork``: whether a child process formats
+    half of it (by default with a long queue and more than one processor); the output is
+    the same either way."""
     with _Reader(str(spool)) as reader:
         ids = queued_ids(reader.queue_path)
         if fork is None:
@@ -190,10 +193,13 @@ class _Reader:
             return _NOTHING
         try:
             # a small read first: os.read(fd, 1 MiB) would allocate a MiB per state file
-            raw = piece = os.read(fd, 4096)
-            while len(piece) == 4096 and len(raw) < MAX_STATE:  # many recipients settled
-                piece = os.read(fd, 4096)
-                raw += piece
+            raw = os.read(fd, 4096)
+            if len(raw) == 4096:  # many recipients settled: the rest in larger reads
+                pieces, held = [raw], len(raw)
+                while held < MAX_STATE and (piece := os.read(fd, 65536)):
+                    pieces.append(piece)
+                    held += len(piece)
+                raw = b"".join(pieces)
             return _decode(raw.decode())[0]
         except (OSError, ValueError, RecursionError):  # torn, not UTF-8, not a file, "[[[..."
             return _NOTHING

@@ -122,6 +122,10 @@ def _hostile_spool(root: Path) -> _Hostile:
         state=settled.encode(),
         recipients=["b@y.test", "c@y.test"],
     )
+    many_settled = json.dumps(
+        {"attempts": 4, "delivered": many[:-1], "failed": [], "warned": False}
+    ).encode()  # beyond the first 4 KiB read of a state file
+    spool.envelope(f"    4  a@x.test\n{' ' * 59}r0399@y.test", state=many_settled, recipients=many)
     spool.envelope("    0  a@x.test", state=b"\xff not a state")
     spool.envelope("    0  a@x.test", state=b'{"attempts": "many"}')
     spool.envelope("    0  a@x.test", state=b"[" * 100_000)
