@@ -38,9 +38,39 @@ def filesystem(path: Path) -> str:
     return found
 
 
+def cpu_times(stat: str) -> tuple[int, int]:
+    """(all, steal) jiffies from the aggregate ``cpu`` line of /proc/stat's text."""
+    for line in stat.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            ticks = [int(value) for value in fields[1:]]
+            # user nice system idle iowait irq softirq steal [guest guest_nice, in user]
+            return sum(ticks[:8]), ticks[7] if len(ticks) > 7 else 0
+    return 0, 0
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of CPU time the hypervisor gave to others between two `cpu_times`."""
+    total = after[0] - before[0]
+    return (after[1] - before[1]) / total if total > 0 else 0.0
+
+
+def _now_cpu_times() -> tuple[int, int]:
+    try:
+        return cpu_times(Path("/proc/stat").read_text())
+    except OSError:
+        return 0, 0
+
+
+_STARTED = _now_cpu_times()
+
+
 def machine() -> str:
+    """CPUs, load average, and the CPU time stolen by the hypervisor since the bench
+    started: on a shared VM that, not the code, can move a figure by a third."""
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return f"{os.cpu_count()} CPUs, load average {load}"
+    steal = steal_share(_STARTED, _now_cpu_times())
+    return f"{os.cpu_count()} CPUs, load average {load}, CPU steal {steal:.1%} during the run"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import operator_scale, queue_scale, throughput
+from bench import operator_scale, queue_scale, report, throughput
 
 
 class TestThroughput:
@@ -65,3 +65,13 @@ class TestOperatorScale:
         assert code == 0, out
         assert "until every one is Ready" in out
         assert "idle: operator CPU" in out
+
+
+class TestReport:
+    def test_steal_is_the_share_of_all_cpu_time_the_hypervisor_took(self) -> None:
+        before = report.cpu_times("cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+        after = report.cpu_times("cpu  200 0 100 1600 20 0 10 70 0 0\n")
+        assert before == (1000, 35)
+        assert report.steal_share(before, after) == pytest.approx(0.035)
+        assert report.steal_share(after, after) == 0.0
+        assert report.cpu_times("garbage\n") == (0, 0)
