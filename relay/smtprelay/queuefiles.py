@@ -14,9 +14,11 @@ follow the queue's length; what the scheduler keeps per message is its index (sc
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -84,9 +86,12 @@ def oldest_age(oldest: str | None, now: float) -> float:
 def _overwrite(path: str, data: bytes) -> None:
     """Write ``data`` over the start of the file at ``path`` (created if missing), padding
     with spaces to the file's old length instead of truncating it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o640)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
     try:
-        if (size := os.fstat(fd).st_size) > len(data):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotAQueueFile(f"{path} is not a regular file")
+        if (size := info.st_size) > len(data):
             data += b" " * (size - len(data))
         view, offset = memoryview(data), 0
         while offset < len(data):
@@ -98,11 +103,25 @@ def _overwrite(path: str, data: bytes) -> None:
 def open_for_reading(path: str | Path) -> int:
     """A read-only descriptor that leaves the access time alone: on a ``relatime`` mount
     the first read of a new file would otherwise dirty its inode, a journal write per
-    delivered message. ``O_NOATIME`` is refused (EPERM) on files of another owner."""
+    delivered message. ``O_NOATIME`` is refused (EPERM) on files of another owner.
+
+    A file on the volume may be hostile: a symlink is not followed (`NotAQueueFile`), and
+    a FIFO does not block the open (``O_NONBLOCK``; callers check what they opened)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        return os.open(path, os.O_RDONLY | _O_NOATIME)
-    except PermissionError:
-        return os.open(path, os.O_RDONLY)
+        try:
+            return os.open(path, flags | _O_NOATIME)
+        except PermissionError:
+            return os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise NotAQueueFile(f"{path} is a symbolic link") from None
+        raise
+
+
+class NotAQueueFile(OSError):
+    """A name in the spool that is not a regular file (a symlink, a FIFO, a directory):
+    never read through, never written through; set aside for an administrator."""
 
 
 _O_NOATIME = getattr(os, "O_NOATIME", 0)
@@ -210,7 +229,7 @@ class QueueFiles:
                 if not self.owns(name[: -len(SUFFIX)]):
                     continue  # another worker's
                 try:
-                    due = entry.stat().st_mtime
+                    due = entry.stat(follow_symlinks=False).st_mtime
                 except FileNotFoundError:
                     continue  # delivered or removed while we looked
                 yield QueueEntry(id=name[: -len(SUFFIX)], due=due)
@@ -302,9 +321,12 @@ class QueueFiles:
                     if time.monotonic() >= deadline:
                         raise Busy(queue_id) from None
                     time.sleep(0.05)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NotAQueueFile(f"{queue_id}{SUFFIX} is not a regular file")
             self._held[queue_id] = fd
             held = True
-            yield os.fstat(fd).st_nlink > 0  # removed between our open and our lock
+            yield info.st_nlink > 0  # removed between our open and our lock
         finally:
             if not held or self._held.pop(queue_id, None) is not None:
                 os.close(fd)  # unless remove(release=True) closed it already

@@ -30,6 +30,7 @@ from smtprelay.spool import (
     Envelope,
     Incomplete,
     MessageFile,
+    NotAQueueFile,
     QueueState,
     Spool,
     is_queue_id,
@@ -184,6 +185,9 @@ class Scheduler:
                 return await self._attempt_unguarded(queue_id) if present else None
         except Busy:
             return self._clock() + 1.0  # a queue command holds it; look again shortly
+        except NotAQueueFile as error:  # a symlink, FIFO or directory: never read through
+            self._quarantine(queue_id, str(error))
+            return None
         except asyncio.CancelledError:
             raise
         except Exception as error:  # one broken message must not stop the queue

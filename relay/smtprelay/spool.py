@@ -30,6 +30,7 @@ import fcntl
 import json
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ from smtprelay.queuefiles import (
     MAX_ENVELOPE,
     PID_FILE,
     Busy,
+    NotAQueueFile,
     QueueEntry,
     QueueFiles,
     QueueState,
@@ -61,6 +63,7 @@ __all__ = [  # the queue side's names, still importable from here
     "MAX_ENVELOPE",
     "PID_FILE",
     "Busy",
+    "NotAQueueFile",
     "QueueEntry",
     "QueueState",
     "SpoolInUse",
@@ -599,6 +602,9 @@ class Spool(QueueFiles):
 
     def read(self, queue_id: str) -> tuple[Envelope, bytes]:
         """The envelope and the message as it was accepted."""
-        raw = (self.queue_dir / f"{queue_id}{_SUFFIX}").read_bytes()
+        with open(open_for_reading(self.queue_dir / f"{queue_id}{_SUFFIX}"), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise NotAQueueFile(f"{queue_id}{_SUFFIX} is not a regular file")
+            raw = handle.read()
         line, _, data = raw.partition(b"\n")
         return _decode_envelope(line), data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
 import smtplib
 import subprocess
@@ -81,6 +82,45 @@ class TestCrash:
         [removed] = relay.events("incomplete_removed")
         assert removed["queue_id"] == "1a0000000000000000002"
         wait_for(lambda: relay.queued() == [], what="the spool to empty")
+        assert len(sink.messages) == 1
+
+    def test_a_symlink_or_fifo_named_like_a_message_is_set_aside_never_read_through(
+        self, tmp_path: Path, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """A file on the volume may be hostile: a symlink to a message elsewhere is not
+        delivered (nor its target touched), a FIFO does not hang the worker; both go to
+        corrupt/ and the real message beside them is delivered."""
+        spool_dir = tmp_path / "relay" / "spool"
+        queue = Spool(spool_dir)
+        elsewhere = Spool(tmp_path / "elsewhere")
+
+        async def receive(spool: Spool, queue_id: str, text: bytes) -> None:
+            draft = spool.draft(
+                sender="alice@sender.test",
+                recipients=("bob@later.test",),
+                client="",
+                queue_id=queue_id,
+            )
+            await draft.write(b"Subject: " + text + b"\r\n\r\nbody\r\n")
+            await spool.commit(draft)
+
+        asyncio.run(receive(queue, "1a0000000000000000001", b"real"))
+        asyncio.run(receive(elsewhere, "1a0000000000000000002", b"not-in-the-spool"))
+        target = tmp_path / "elsewhere" / "queue" / "1a0000000000000000002.eml"
+        before = target.read_bytes()
+        (spool_dir / "queue" / "1a0000000000000000002.eml").symlink_to(target)
+        os.mkfifo(spool_dir / "queue" / "1a0000000000000000003.eml")
+        sink: Sink = start_sink("127.0.0.1", smtp_port)
+        relay: Relay = start_relay({"gateway": {"host": f"127.0.0.1:{smtp_port}", "sendAll": True}})
+        [got] = sink.wait_for_messages(1)
+        assert b"Subject: real" in got.data
+        wait_for(lambda: len(relay.events("message_quarantined")) == 2, what="both set aside")
+        assert sorted(p.name for p in (spool_dir / "corrupt").iterdir()) == [
+            "1a0000000000000000002.eml",
+            "1a0000000000000000003.eml",
+        ]
+        assert relay.queued() == []
+        assert target.read_bytes() == before
         assert len(sink.messages) == 1
 
     def test_sigterm_exits_zero_and_keeps_the_queue(
