@@ -25,6 +25,19 @@ def _zone() -> Zone:
     return Zone(mx=[("later.test", "mx.later.test", 10)], a=[("mx.later.test", "127.0.0.4")])
 
 
+def _receive(spool: Spool, queue_id: str, subject: bytes) -> None:
+    """A message received through the spool's own draft and commit, as the relay does."""
+
+    async def receive() -> None:
+        draft = spool.draft(
+            sender="alice@sender.test", recipients=("bob@later.test",), client="", queue_id=queue_id
+        )
+        await draft.write(b"Subject: " + subject + b"\r\n\r\nbody\r\n")
+        await spool.commit(draft)
+
+    asyncio.run(receive())
+
+
 class TestCrash:
     def test_queued_mail_is_delivered_after_sigkill_and_restart(
         self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
@@ -60,18 +73,8 @@ class TestCrash:
         spool_dir = tmp_path / "relay" / "spool"
         queue = Spool(spool_dir)
 
-        async def receive(queue_id: str, text: bytes) -> None:
-            draft = queue.draft(
-                sender="alice@sender.test",
-                recipients=("bob@later.test",),
-                client="",
-                queue_id=queue_id,
-            )
-            await draft.write(b"Subject: " + text + b"\r\n\r\nbody\r\n")
-            await queue.commit(draft)
-
-        asyncio.run(receive("1a0000000000000000001", b"whole"))
-        asyncio.run(receive("1a0000000000000000002", b"cut"))
+        _receive(queue, "1a0000000000000000001", b"whole")
+        _receive(queue, "1a0000000000000000002", b"cut")
         cut = spool_dir / "queue" / "1a0000000000000000002.eml"
         cut.write_bytes(cut.read_bytes()[:-4])
         sink: Sink = start_sink("127.0.0.1", smtp_port)
@@ -94,18 +97,8 @@ class TestCrash:
         queue = Spool(spool_dir)
         elsewhere = Spool(tmp_path / "elsewhere")
 
-        async def receive(spool: Spool, queue_id: str, text: bytes) -> None:
-            draft = spool.draft(
-                sender="alice@sender.test",
-                recipients=("bob@later.test",),
-                client="",
-                queue_id=queue_id,
-            )
-            await draft.write(b"Subject: " + text + b"\r\n\r\nbody\r\n")
-            await spool.commit(draft)
-
-        asyncio.run(receive(queue, "1a0000000000000000001", b"real"))
-        asyncio.run(receive(elsewhere, "1a0000000000000000002", b"not-in-the-spool"))
+        _receive(queue, "1a0000000000000000001", b"real")
+        _receive(elsewhere, "1a0000000000000000002", b"not-in-the-spool")
         target = tmp_path / "elsewhere" / "queue" / "1a0000000000000000002.eml"
         before = target.read_bytes()
         (spool_dir / "queue" / "1a0000000000000000002.eml").symlink_to(target)
