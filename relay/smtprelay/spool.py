@@ -16,9 +16,9 @@ A message exists once its ``queue/<id>.eml`` has been written with its length in
 line and fsynced, and the directory fsynced; only then does the relay answer 250. A received
 message is written under its final name, locked by its writer until then (`Draft`); one a
 crash cut short declares a length other than its size and is removed, never delivered.
-Messages the relay makes itself (bounces) are written under a temporary name and renamed. A state file is overwritten in
-place and not fsynced: losing or tearing one is harmless, the message is merely tried again
-(at worst sent twice).
+Messages the relay makes itself (bounces) are written under a temporary name and renamed.
+A state file is overwritten in place and not fsynced: losing or tearing one is harmless, the
+message is merely tried again (at worst sent twice).
 Directory fsyncs are grouped, so concurrent messages share one.
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -35,11 +34,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from smtprelay.draft import (
+    LENGTH_WIDTH,
+    SPILL_AT,
+    Draft,
+    Incomplete,
+    check_complete,
+    length_field,
+    write_all,
+)
 from smtprelay.dsn import MailOptions, RecipientOptions
+from smtprelay.envelope import Envelope, decode_envelope, encode_envelope, envelope_of
 from smtprelay.queuefiles import (
     LOCK_FILE,
     MAX_ENVELOPE,
@@ -58,42 +66,30 @@ from smtprelay.queuefiles import (
 )
 from smtprelay.queuefiles import SUFFIX as _SUFFIX
 
-__all__ = [  # the queue side's names, still importable from here
+__all__ = [  # the queue side's and the draft's names, still importable from here
+    "LENGTH_WIDTH",
     "LOCK_FILE",
     "MAX_ENVELOPE",
     "PID_FILE",
+    "SPILL_AT",
     "Busy",
+    "Draft",
+    "Envelope",
+    "Incomplete",
     "NotAQueueFile",
     "QueueEntry",
     "QueueState",
     "SpoolInUse",
+    "check_complete",
+    "decode_envelope",
+    "encode_envelope",
     "is_queue_id",
+    "length_field",
     "oldest_age",
 ]
 
 
 WRITER_THREADS = 32
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """Who a message is from and for, fixed at acceptance."""
-
-    id: str
-    sender: str
-    recipients: tuple[str, ...]
-    received: float
-    client: str = ""
-    options: MailOptions = field(default_factory=MailOptions)
-    # NOTIFY/ORCPT per recipient, in the order of recipients; () when no RCPT carried any.
-    recipient_options: tuple[RecipientOptions, ...] = ()
-
-    def options_of(self, recipient: str) -> RecipientOptions:
-        if self.recipient_options:
-            for address, options in zip(self.recipients, self.recipient_options, strict=True):
-                if address == recipient:
-                    return options
-        return RecipientOptions()
 
 
 @dataclass(frozen=True)
@@ -182,7 +178,7 @@ def _write_durably(path: Path, chunks: list[bytes]) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         for chunk in chunks:
-            _write_all(fd, chunk)
+            write_all(fd, chunk)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -239,193 +235,6 @@ class _GroupSync:
             failed = self._failed.get(target)
         if failed is not None:
             raise OSError(failed.errno, failed.strerror, str(self._path))
-
-
-def _encode_envelope(envelope: Envelope) -> bytes:
-    header = {
-        "id": envelope.id,
-        "sender": envelope.sender,
-        "recipients": list(envelope.recipients),
-        "received": envelope.received,
-        "client": envelope.client,
-    }
-    # Written only when present, so envelopes stay what older relays wrote and read.
-    if options := envelope.options.to_json():
-        header["options"] = options
-    if envelope.recipient_options:
-        header["recipient_options"] = [o.to_json() for o in envelope.recipient_options]
-    return json.dumps(header, separators=(",", ":")).encode() + b"\n"
-
-
-def _decode_envelope(line: bytes) -> Envelope:
-    return _envelope_of(json.loads(line))
-
-
-def _envelope_of(header: dict[str, Any]) -> Envelope:
-    return Envelope(
-        id=header["id"],
-        sender=header["sender"],
-        recipients=tuple(header["recipients"]),
-        received=header["received"],
-        client=header.get("client", ""),
-        options=MailOptions.from_json(header.get("options")),
-        recipient_options=tuple(
-            RecipientOptions.from_json(o) for o in header.get("recipient_options", ())
-        ),
-    )
-
-
-SPILL_AT = 64 * 1024  # octets a draft holds in memory before a writer thread writes them
-LENGTH_WIDTH = 20  # the envelope's "length" field: digits right-aligned after JSON spaces
-
-
-def length_field(length: int) -> bytes:
-    """The envelope line's last field, fixed in width so it can be written over in place:
-    ``,"length":<spaces><digits>}`` (whitespace before a JSON value is allowed)."""
-    return b',"length":' + str(length).rjust(LENGTH_WIDTH).encode() + b"}\n"
-
-
-def _draft_header(envelope: Envelope) -> bytes:
-    """A draft's envelope line, declaring a length of 0 until `Draft.finish` writes the
-    file's real length over it."""
-    return _encode_envelope(envelope)[:-2] + length_field(0)
-
-
-class Incomplete(ValueError):
-    """A queue file whose declared length is not its size: a receipt a crash cut short
-    (it was never answered 250)."""
-
-
-def check_complete(header: dict[str, object], size: int) -> None:
-    """Raise `Incomplete` unless a queue file of ``size`` octets is whole. Files written
-    by `Spool.enqueue` (renamed into place) and by older relays declare no length."""
-    declared = header.get("length")
-    if declared is None:
-        return
-    if not isinstance(declared, int) or isinstance(declared, bool):
-        raise ValueError(f"envelope length is not a number: {declared!r}")
-    if declared != size:
-        raise Incomplete(f"declares {declared} octets, holds {size}")
-
-
-class Draft:
-    """A message being received, made durable and visible by `Spool.commit` or thrown away
-    by `discard`.
-
-    The file is written under its final name, flock'ed by the writer from its creation
-    until the commit is over, and declares its own length in the envelope line: the length
-    is written (over a placeholder of 0) just before the fsync. So one fsync makes the data,
-    the declared length and the directory entry durable together (on ext4 a file's fsync
-    commits the journal transaction that created its name; the directory fsync after it
-    finds nothing left to commit), where a temporary name renamed into place took a second
-    journal commit. A reader that takes the lock and finds the length wrong has a file a
-    crash cut short, which never got a 250; until the writer lets go, attempts find it busy.
-
-    What arrives is gathered in memory and handed to a writer thread once ``SPILL_AT``
-    octets are waiting, so a session holds at most ``SPILL_AT`` plus one read of its body,
-    and the event loop never creates, writes or unlinks a file: on a journalling filesystem
-    any of those can wait for a journal commit, stalling every session of the worker. A
-    message smaller than ``SPILL_AT`` touches the disk once, in `Spool.commit`'s single
-    thread hop. A write that fails (a full volume) is remembered in ``error`` and later
-    writes are skipped, so the session can read the rest of the message and answer 4xx.
-    """
-
-    def __init__(self, envelope: Envelope, path: Path, writers: ThreadPoolExecutor) -> None:
-        self.envelope = envelope
-        self.path = path
-        self.error: OSError | None = None
-        self.size = 0
-        header = _draft_header(envelope)
-        self._length_at = len(header) - 2 - LENGTH_WIDTH  # where the digits go
-        self._pending = bytearray(header)
-        self._written = 0  # octets in the file
-        self._stamped = False  # the real length is in the file's envelope line
-        self._fd: int | None = None
-        self._writers = writers
-        self._lock = threading.Lock()  # a spill still running when the session is aborted
-        self._discarded = False
-
-    def add(self, data: bytes) -> None:
-        """Append ``data`` in memory (the caller keeps it small; see `write`)."""
-        if self.error is None and not self._discarded:
-            self._pending += data
-        self.size += len(data)
-
-    async def write(self, data: bytes) -> None:
-        """Append ``data``; once ``SPILL_AT`` octets wait, a writer thread writes them out."""
-        self.add(data)
-        if len(self._pending) >= SPILL_AT:
-            await asyncio.get_running_loop().run_in_executor(self._writers, self._spill)
-
-    def _spill(self, *, last: bool = False) -> None:
-        """Write what waits to the file (in a writer thread); ``last``: the whole message
-        is here, so the real length goes in before the first write if it can."""
-        with self._lock:
-            pending, self._pending = self._pending, bytearray()
-            if self._discarded or self.error is not None:
-                return
-            try:
-                if self._fd is None:
-                    if last:
-                        digits = str(len(pending)).rjust(LENGTH_WIDTH).encode()
-                        pending[self._length_at : self._length_at + LENGTH_WIDTH] = digits
-                        self._stamped = True
-                    self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                _write_all(self._fd, pending)
-                self._written += len(pending)
-            except OSError as error:
-                self.error = error
-                self._remove_file()
-
-    def write_rest(self) -> None:
-        """Write what waits and the real length (in a writer thread): after this the file
-        exists under its name and holds the whole message."""
-        self._spill(last=True)
-        with self._lock:
-            if self.error is not None:
-                raise self.error
-            if self._discarded or self._fd is None:
-                raise OSError(0, "draft discarded", str(self.path))
-            if not self._stamped:  # spilled before the end: the length goes over the 0
-                digits = str(self._written).rjust(LENGTH_WIDTH).encode()
-                os.pwrite(self._fd, digits, self._length_at)
-
-    def sync(self) -> None:
-        """fsync the file (in a writer thread); it stays open and locked until `close`."""
-        with self._lock:
-            if self._fd is None:
-                raise OSError(0, "draft discarded", str(self.path))
-            os.fsync(self._fd)
-
-    def close(self) -> None:
-        """Let go of the committed file: readers may take it now (inotify's close-write
-        event tells the worker that delivers it)."""
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-
-    def discard(self) -> None:
-        """Forget the message. Only a draft that has spilled has a file to remove, and
-        aborted or refused messages are rare: that unlink may run on the event loop."""
-        with self._lock:
-            self._discarded = True
-            self._pending = bytearray()
-            self._remove_file()
-
-    def _remove_file(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                self.path.unlink()  # before the close: no reader takes an unfinished file
-            os.close(self._fd)
-            self._fd = None
-
-
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class Spool(QueueFiles):
@@ -506,7 +315,7 @@ class Spool(QueueFiles):
         )
         path = self.queue_dir / f"{envelope.id}{_SUFFIX}"
         await asyncio.get_running_loop().run_in_executor(
-            self._writer_pool(), self._store, path, [_encode_envelope(envelope), data]
+            self._writer_pool(), self._store, path, [encode_envelope(envelope), data]
         )
         for listener in self._listeners:
             listener(envelope.id)
@@ -598,7 +407,7 @@ class Spool(QueueFiles):
         finally:
             if held is None:
                 os.close(fd)
-        return _envelope_of(header), MessageFile(path, offset, held)
+        return envelope_of(header), MessageFile(path, offset, held)
 
     def read(self, queue_id: str) -> tuple[Envelope, bytes]:
         """The envelope and the message as it was accepted."""
@@ -607,4 +416,4 @@ class Spool(QueueFiles):
                 raise NotAQueueFile(f"{queue_id}{_SUFFIX} is not a regular file")
             raw = handle.read()
         line, _, data = raw.partition(b"\n")
-        return _decode_envelope(line), data
+        return decode_envelope(line), data

@@ -106,7 +106,7 @@ class TestSpool:
         """A queue file's envelope line without options (queued before DSN support) reads
         as no DSN parameters; one with them round-trips."""
         old = b'{"id":"q1","sender":"a@x.test","recipients":["b@y.test"],"received":1.0}'
-        envelope = spool._decode_envelope(old)
+        envelope = spool.decode_envelope(old)
         assert envelope.options == MailOptions()
         assert envelope.options_of("b@y.test").wants("FAILURE")
         new = replace(
@@ -114,7 +114,7 @@ class TestSpool:
             options=MailOptions(ret="HDRS", envid="e1", smtputf8=True),
             recipient_options=(RecipientOptions(notify=("NEVER",), orcpt="rfc822;B@y.test"),),
         )
-        assert spool._decode_envelope(spool._encode_envelope(new)) == new
+        assert spool.decode_envelope(spool.encode_envelope(new)) == new
         assert not new.options_of("b@y.test").wants("FAILURE")
 
     def test_state_files_of_older_relays_still_read(self) -> None:
