@@ -24,7 +24,7 @@ def length_field(length: int) -> bytes:
 
 
 def _draft_header(envelope: Envelope) -> bytes:
-    """A draft's envelope line, declaring a length of 0 until `Draft.finish` writes the
+    """A draft's envelope line, declaring a length of 0 until `Draft.write_rest` writes the
     file's real length over it."""
     return encode_envelope(envelope)[:-2] + length_field(0)
 
@@ -51,12 +51,12 @@ class Draft:
     by `discard`.
 
     The file is written under its final name, flock'ed by the writer from its creation
-    until the commit is over, and declares its own length in the envelope line: the length
-    is written (over a placeholder of 0) just before the fsync. So one fsync makes the data,
-    the declared length and the directory entry durable together (on ext4 a file's fsync
-    commits the journal transaction that created its name; the directory fsync after it
-    finds nothing left to commit), where a temporary name renamed into place took a second
-    journal commit. A reader that takes the lock and finds the length wrong has a file a
+    until just after the 250, and declares its own length in the envelope line: the length
+    is written (over a placeholder of 0) just before the fsync. So one journal commit makes
+    the data, the declared length and the directory entry durable together (on ext4 a
+    file's fsync commits the transaction that created its name; the directory's fsync, run
+    alongside, waits for the same one), where a temporary name renamed into place took a
+    second commit. A reader that takes the lock and finds the length wrong has a file a
     crash cut short, which never got a 250; until the writer lets go, attempts find it busy.
 
     What arrives is gathered in memory and handed to a writer thread once ``SPILL_AT``
