@@ -29,21 +29,31 @@ def _draft_header(envelope: Envelope) -> bytes:
     return encode_envelope(envelope)[:-2] + length_field(0)
 
 
+INCOMPLETE_GRACE = 60.0  # seconds an unlocked, incomplete file is left to its writer
+
+
 class Incomplete(ValueError):
     """A queue file whose declared length is not its size: a receipt a crash cut short
-    (it was never answered 250)."""
+    (it was never answered 250), or, while ``young``, one whose writer has created it but
+    not yet locked it (a window of microseconds between its ``open`` and its ``flock``)."""
+
+    def __init__(self, message: str, *, young: bool) -> None:
+        super().__init__(message)
+        self.young = young
 
 
-def check_complete(header: dict[str, object], size: int) -> None:
-    """Raise `Incomplete` unless a queue file of ``size`` octets is whole. Files written
-    by `Spool.enqueue` (renamed into place) and by older relays declare no length."""
+def check_complete(header: dict[str, object], size: int, age: float) -> None:
+    """Raise `Incomplete` unless a queue file of ``size`` octets, last written ``age``
+    seconds ago, is whole. Files written by `Spool.enqueue` (renamed into place) and by
+    older relays declare no length."""
     declared = header.get("length")
     if declared is None:
         return
     if not isinstance(declared, int) or isinstance(declared, bool):
         raise ValueError(f"envelope length is not a number: {declared!r}")
     if declared != size:
-        raise Incomplete(f"declares {declared} octets, holds {size}")
+        young = age < INCOMPLETE_GRACE
+        raise Incomplete(f"declares {declared} octets, holds {size}", young=young)
 
 
 class Draft:
@@ -57,7 +67,9 @@ class Draft:
     file's fsync commits the transaction that created its name; the directory's fsync, run
     alongside, waits for the same one), where a temporary name renamed into place took a
     second commit. A reader that takes the lock and finds the length wrong has a file a
-    crash cut short, which never got a 250; until the writer lets go, attempts find it busy.
+    crash cut short, which never got a 250 (once it is `INCOMPLETE_GRACE` old: a younger
+    one may be a writer's between its create and its lock); until the writer lets go,
+    attempts find it busy.
 
     What arrives is gathered in memory and handed to a writer thread once ``SPILL_AT``
     octets are waiting, so a session holds at most ``SPILL_AT`` plus one read of its body,
@@ -109,7 +121,9 @@ class Draft:
                         pending[self._length_at : self._length_at + LENGTH_WIDTH] = digits
                         self._stamped = True
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    # Blocking: a reader that found the file in the instant before this
+                    # lets go at once (the file is young and incomplete: `check_complete`).
+                    fcntl.flock(self._fd, fcntl.LOCK_EX)
                 write_all(self._fd, pending)
                 self._written += len(pending)
             except OSError as error:

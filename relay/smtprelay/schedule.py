@@ -222,6 +222,8 @@ class Scheduler:
         except FileNotFoundError:
             return None  # deleted by an administrator meanwhile
         except Incomplete as error:  # a crash cut its receipt short: never answered 250
+            if error.young:  # or its writer is about to lock it: look again shortly
+                raise Busy(queue_id) from None
             self._spool.remove(queue_id)
             system_log().warning("incomplete_removed", queue_id=queue_id, reason=str(error))
             return None

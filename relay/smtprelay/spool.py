@@ -403,7 +403,8 @@ class Spool(QueueFiles):
             header = json.loads(line)
             if not isinstance(header, dict):
                 raise ValueError("the envelope line is not a JSON object")
-            check_complete(header, os.fstat(fd).st_size)
+            info = os.fstat(fd)
+            check_complete(header, info.st_size, time.time() - info.st_mtime)
         finally:
             if held is None:
                 os.close(fd)

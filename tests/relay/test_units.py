@@ -7,8 +7,10 @@ import email
 import email.policy
 import errno
 import json
+import os
 import re
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -198,8 +200,14 @@ class TestSpool:
         queue_id = asyncio.run(receive())
         path = tmp_path / "queue" / f"{queue_id}.eml"
         path.write_bytes(path.read_bytes()[:-3])  # what a crash before the fsync may leave
-        with queue.locked(queue_id), pytest.raises(spool.Incomplete, match="declares"):
+        with queue.locked(queue_id), pytest.raises(spool.Incomplete, match="declares") as young:
             queue.open_message(queue_id)
+        assert young.value.young  # its writer may be about to lock it
+        hour_ago = time.time() - 3600
+        os.utime(path, (hour_ago, hour_ago))
+        with queue.locked(queue_id), pytest.raises(spool.Incomplete) as old:
+            queue.open_message(queue_id)
+        assert not old.value.young  # what a crash left
         raw = re.sub(rb'"length": *[0-9]+', b'"length":"12"', path.read_bytes(), count=1)
         path.write_bytes(raw)  # hostile: a length that is not a number
         with queue.locked(queue_id), pytest.raises(ValueError, match="not a number"):
