@@ -38,6 +38,12 @@ def _relay(start_relay: Start, dns: Dnsmasq, port: int, **settings: Any) -> Rela
     return relay
 
 
+def _gateway_relay(start_relay: Start, dns: Dnsmasq, port: int, **settings: Any) -> Relay:
+    """A relay sending all mail to the gateway sink at 127.0.0.9."""
+    gateway = {"host": f"127.0.0.9:{port}", "sendAll": True}
+    return _relay(start_relay, dns, port, gateway=gateway, **settings)
+
+
 class TestDirect:
     def test_delivers_to_the_mx_host(
         self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
@@ -147,12 +153,7 @@ class TestGateway:
         dns = start_dns(_zone())
         mx: Sink = start_sink("127.0.0.2", smtp_port)
         gateway: Sink = start_sink("127.0.0.9", smtp_port)
-        relay = _relay(
-            start_relay,
-            dns,
-            smtp_port,
-            gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
-        )
+        relay = _gateway_relay(start_relay, dns, smtp_port)
         send(relay.port, "alice@sender.test", ["bob@example.test"])
         [got] = gateway.wait_for_messages()
         assert got.recipients == ("bob@example.test",)
@@ -169,13 +170,7 @@ class TestConnectionCache:
         connection cache does."""
         dns = start_dns(_zone())
         gateway: Sink = start_sink("127.0.0.9", smtp_port)
-        relay = _relay(
-            start_relay,
-            dns,
-            smtp_port,
-            gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
-            delivery={"concurrency": 1},
-        )
+        relay = _gateway_relay(start_relay, dns, smtp_port, delivery={"concurrency": 1})
         for number in range(3):
             send(relay.port, "alice@sender.test", [f"r{number}@example.test"])
         got = gateway.wait_for_messages(3)
@@ -193,12 +188,7 @@ class TestConnectionCache:
         message goes out on a new connection in the same attempt."""
         dns = start_dns(_zone())
         first: Sink = start_sink("127.0.0.9", smtp_port)
-        relay = _relay(
-            start_relay,
-            dns,
-            smtp_port,
-            gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
-        )
+        relay = _gateway_relay(start_relay, dns, smtp_port)
         send(relay.port, "alice@sender.test", ["one@example.test"])
         first.wait_for_messages(1)
         wait_for(lambda: relay.queued() == [], what="the first message to leave the spool")
@@ -217,12 +207,8 @@ class TestConnectionCache:
         the message no deferral: it goes out at once on a new connection."""
         dns = start_dns(_zone())
         gateway: Sink = start_sink("127.0.0.9", smtp_port, mails_per_session=1)
-        relay = _relay(
-            start_relay,
-            dns,
-            smtp_port,
-            gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
-            delivery={"concurrency": 1, "queueTimer": "1h"},
+        relay = _gateway_relay(
+            start_relay, dns, smtp_port, delivery={"concurrency": 1, "queueTimer": "1h"}
         )
         for number in range(3):
             send(relay.port, "alice@sender.test", [f"r{number}@example.test"])
@@ -242,13 +228,7 @@ class TestConnectionCache:
             smtp_port,
             rcpt_reply=lambda address: "550 5.1.1 no" if address.startswith("gone") else "250 OK",
         )
-        relay = _relay(
-            start_relay,
-            dns,
-            smtp_port,
-            gateway={"host": f"127.0.0.9:{smtp_port}", "sendAll": True},
-            delivery={"concurrency": 1},
-        )
+        relay = _gateway_relay(start_relay, dns, smtp_port, delivery={"concurrency": 1})
         send(relay.port, "alice@sender.test", ["gone@example.test"])
         wait_for(lambda: relay.events("delivery"), what="the refused attempt")
         send(relay.port, "alice@sender.test", ["here@example.test"])
