@@ -38,12 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smtprelay.draft import (
-    LENGTH_WIDTH,
     SPILL_AT,
     Draft,
     Incomplete,
     check_complete,
-    length_field,
     write_all,
 )
 from smtprelay.dsn import MailOptions, RecipientOptions
@@ -67,7 +65,6 @@ from smtprelay.queuefiles import (
 from smtprelay.queuefiles import SUFFIX as _SUFFIX
 
 __all__ = [  # the queue side's and the draft's names, still importable from here
-    "LENGTH_WIDTH",
     "LOCK_FILE",
     "MAX_ENVELOPE",
     "PID_FILE",
@@ -84,7 +81,6 @@ __all__ = [  # the queue side's and the draft's names, still importable from her
     "decode_envelope",
     "encode_envelope",
     "is_queue_id",
-    "length_field",
     "oldest_age",
 ]
 
