@@ -176,7 +176,12 @@ class TestRealNode:
             logs = plane.kubectl(
                 "-n", relay_namespace, "logs", f"deploy/{RELAY}", "-c", "relay", check=False
             )
-            return "config_reloaded" in logs
+            # Every worker process watches relay.yaml on its own: mail sent before the last
+            # one has switched may be delivered by a worker still on the old settings.
+            lines = logs.splitlines()
+            started = sum("started" in line and "recovered" in line for line in lines)
+            switched = sum("config_reloaded" in line for line in lines)
+            return started > 0 and switched >= started
 
         # The kubelet updates the ConfigMap volume on its next sync (up to ~2 minutes).
         wait_for(reloaded, timeout=180, what="the relay to take the new relay.yaml live")
