@@ -9,8 +9,11 @@ Two sources, kept apart on purpose:
 
 A child the watch last reported exactly as the operator's own apply left it, and whose
 rendered content has not changed since, needs no apply: nobody touched it. So a reconcile
-that a Deployment's status change or a PVC's binding triggered applies nothing, and the
-status is computed from the Deployment the watch last reported instead of a fresh read.
+that a Deployment's status change triggered applies nothing, and the status is computed
+from the Deployment the watch last reported instead of a fresh read. A PVC or Service that
+a controller wrote (a PVC's binding, a load balancer's address) counts as untouched when the
+watch reports it still holding every field the operator applied, as the operator applied it:
+an apply would change nothing, so the watch event is no news and queues nothing.
 An apply record older than ``max_age`` (the resync) does not count, so the resync applies
 everything again, repairing whatever a missed watch event hid.
 
@@ -54,6 +57,31 @@ class _Applied:
     state: State
     at: float
     stamp: tuple[str, str]
+    obj: Mapping[str, Any] | None = None
+    """What was applied, kept for the kinds controllers write (`_CONTROLLER_WRITTEN`)."""
+
+
+_CONTROLLER_WRITTEN = frozenset({"PersistentVolumeClaim", "Service"})
+"""Kinds whose watched changes are checked for the operator's fields: the PV controller binds
+a PVC (two writes), a cloud controller writes a LoadBalancer Service's status. Not the
+Deployment (its generation says whether its spec changed) nor the ConfigMap (no controller
+writes it; most of its size is relay.yaml, not worth keeping twice)."""
+
+
+def holds(body: Any, obj: Any) -> bool:
+    """Whether ``body`` has every field of ``obj`` with the same value: a map may have more
+    keys, a list must have as many items, each holding the applied one's fields."""
+    if isinstance(obj, Mapping):
+        return isinstance(body, Mapping) and all(
+            key in body and holds(body[key], value) for key, value in obj.items()
+        )
+    if isinstance(obj, list):
+        return (
+            isinstance(body, list)
+            and len(body) == len(obj)
+            and all(holds(item, want) for item, want in zip(body, obj, strict=True))
+        )
+    return bool(body == obj)
 
 
 def _stamp(body: Mapping[str, Any]) -> tuple[str, str]:
@@ -128,6 +156,15 @@ class Children:
         state = None if body is None else State.of(body)
         with self._lock:
             applied = self._applied.get(key)
+            if (
+                state is not None
+                and applied is not None
+                and applied.obj is not None
+                and state != applied.state
+                and holds(body, applied.obj)
+            ):  # a controller's write that left the operator's fields as applied
+                applied = dataclasses.replace(applied, state=state)
+                self._applied[key] = applied
             if body is None:
                 self._deployments.pop(key, None)
                 self._applied.pop(key, None)
@@ -156,8 +193,9 @@ class Children:
         says the apply changed the operator's fields (or made a new object).
         A resourceVersion comparison alone cannot tell: a controller's write (a PVC's
         binding) may land between the watch's report and the apply."""
-        record = _Applied(digest(obj), State.of(response), self._clock(), _stamp(response))
         key = key_of(obj)
+        kept = obj if key[0] in _CONTROLLER_WRITTEN else None
+        record = _Applied(digest(obj), State.of(response), self._clock(), _stamp(response), kept)
         with self._lock:
             previous = self._applied.get(key)
             self._applied[key] = record

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import Iterable
@@ -119,15 +120,14 @@ def reconcile_executor(workers: int) -> ThreadPoolExecutor:
 def worker(
     context: reconcile.Context, queue: WorkQueue[RelayKey], executor: ThreadPoolExecutor
 ) -> Any:
-    async def work(key: RelayKey) -> bool | float | None:
+    async def work(key: RelayKey, urgent: bool) -> bool | float | None:
         namespace, name = key
         metrics.QUEUED.set(queue.waiting)
         loop = asyncio.get_running_loop()
+        run = functools.partial(reconcile.reconcile, context, namespace, name, urgent=urgent)
         try:
             with metrics.DURATION.time():
-                result = await loop.run_in_executor(
-                    executor, reconcile.reconcile, context, namespace, name
-                )
+                result = await loop.run_in_executor(executor, run)
         except Exception:
             metrics.RECONCILES.labels(outcome="failed").inc()
             _log.exception("%s/%s: reconcile failed; retrying with backoff", namespace, name)

@@ -8,7 +8,8 @@ REGISTRY = CollectorRegistry()
 RECONCILES = Counter(
     "smtprelay_operator_reconciles",
     "SmtpRelay reconciles, by outcome: settled, failed (retried with backoff), waiting (for "
-    "the relay to take a new relay.yaml), gone.",
+    "the relay to take a new relay.yaml), deferred (the pod's objects applied, the rest "
+    "after the urgent work), gone.",
     ["outcome"],
     registry=REGISTRY,
 )
@@ -45,7 +46,7 @@ def outcome_of(result: bool | float | None) -> str:
         return "failed"
     if result is True:
         return "settled"
-    return "waiting"
+    return "waiting" if result > 0 else "deferred"
 
 
 def serve(address: str) -> None:

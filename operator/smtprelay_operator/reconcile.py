@@ -172,27 +172,41 @@ def _observer(
     return observe
 
 
-def _apply_children(
-    ctx: Context, rendered: render.Rendered, involved: Involved, *, caught_up: bool
-) -> tuple[list[str], Object | None]:
-    """Apply the ConfigMap first and the Deployment last, and only if the ConfigMap went
-    through: a pod must never roll onto a hash whose relay.yaml is not in place. A child
-    the operator applied just so and nobody has touched since is left alone.
+@dataclasses.dataclass
+class _Applying:
+    """What applying some of one SmtpRelay's children came to."""
 
-    Returns the failures and the Deployment as its apply returned it (None if not applied).
+    failures: list[str] = dataclasses.field(default_factory=list)
+    deployment: Object | None = None
+    """The Deployment as its apply returned it (None if not applied)."""
+    sent: int = 0
+    """Applies sent (the others were untouched since the operator's last apply)."""
+    config_failed: bool = False
+
+
+def _apply_children(
+    ctx: Context,
+    objects: tuple[Object, ...],
+    involved: Involved,
+    *,
+    caught_up: bool,
+    into: _Applying,
+) -> _Applying:
+    """Apply ``objects`` in order, the Deployment only if the ConfigMap went through: a pod
+    must never roll onto a hash whose relay.yaml is not in place. A child the operator
+    applied just so and nobody has touched since is left alone.
     """
-    failures: list[str] = []
-    config_failed = False
-    deployment = None
-    for obj in rendered.objects():
+    failures = into.failures
+    for obj in objects:
         target = f"{obj['kind']} {obj['metadata']['name']}"
-        if obj["kind"] == "Deployment" and config_failed:
+        if obj["kind"] == "Deployment" and into.config_failed:
             failures.append(f"{target} not applied: its ConfigMap was not")
             continue
         if ctx.children.untouched(obj, max_age=ctx.reapply_after):
             metrics.APPLIES.labels(outcome="unchanged").inc()
             continue
         metrics.APPLIES.labels(outcome="applied").inc()
+        into.sent += 1
         before = ctx.children.before_apply(key_of(obj))
         try:
             after = ctx.kube.apply(obj)
@@ -204,17 +218,17 @@ def _apply_children(
                 )
                 continue
             failures.append(f"applying {target}: {error.reason}: {_api_message(error)}")
-            config_failed = config_failed or obj["kind"] == "ConfigMap"
+            into.config_failed = into.config_failed or obj["kind"] == "ConfigMap"
             continue
         known, state = before
         put_back = ctx.children.applied(obj, after, seen=state)
         if obj["kind"] == "Deployment":
-            deployment = after
+            into.deployment = after
         if caught_up and (put_back or (known and state is None)):  # changed, or deleted
             message = f"{target} was changed or deleted outside the operator; restored it"
             _log.info("%s/%s: %s", involved.namespace, involved.name, message)
             ctx.recorder.record(involved, kind="Warning", reason="Restored", message=message)
-    return failures, deployment
+    return into
 
 
 def _refusal(ctx: Context, namespace: str, spec: Mapping[str, Any]) -> policy.Refusal | None:
@@ -229,12 +243,20 @@ def _refusal(ctx: Context, namespace: str, spec: Mapping[str, Any]) -> policy.Re
     return None
 
 
-def reconcile(ctx: Context, namespace: str, name: str) -> bool | float | None:
+def reconcile(
+    ctx: Context, namespace: str, name: str, *, urgent: bool = False
+) -> bool | float | None:
     """Bring one SmtpRelay's objects and status up to date.
 
     Returns True when settled, False when something failed and should be retried with
     backoff, a number of seconds to look again after (waiting for the relay to take the new
     relay.yaml), None when the SmtpRelay no longer exists.
+
+    ``urgent``: the pass a new or changed SmtpRelay gets before the queue's other work.
+    It applies only what the relay pod needs (``Rendered.pod_objects``) and returns
+    `DEFERRED`: the Services, the Applied Event and the status follow in the next pass,
+    behind the other new SmtpRelays' pods. During a burst of creates a worker then spends
+    three requests on each new SmtpRelay instead of seven to ten, and keeps pace.
     """
     relay = ctx.relays.get(namespace, name) or ctx.kube.get(
         api.API_VERSION, api.KIND, namespace=namespace, name=name
@@ -273,14 +295,21 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | float | None:
         settled = refusal.reason == "ImageNotAllowed"  # only a new spec can change that
         return _fail(ctx, relay, involved, generation, applied_hash, failure, settled=settled)
 
-    failures, deployment = _apply_children(ctx, rendered, involved, caught_up=caught_up)
-    if not any(f.startswith("applying ConfigMap") for f in failures):
+    changed = not caught_up or known.get("configHash") != rendered.config_hash
+    applying = _apply_children(
+        ctx, rendered.pod_objects(), involved, caught_up=caught_up, into=_Applying()
+    )
+    if urgent and changed and applying.sent and not applying.failures:
+        return DEFERRED
+    _apply_children(ctx, rendered.other_objects(), involved, caught_up=caught_up, into=applying)
+    failures, deployment = applying.failures, applying.deployment
+    if not applying.config_failed:
         applied_hash = rendered.config_hash
     if failures:
         failure = status.Failure(reason="ApplyFailed", message="; ".join(failures))
         return _fail(ctx, relay, involved, generation, applied_hash, failure, settled=False)
 
-    if not caught_up or known.get("configHash") != rendered.config_hash:
+    if changed:
         spec = relay.get("spec") or {}
         ctx.recorder.record(
             involved,
@@ -317,6 +346,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> bool | float | None:
 
 
 CONFIG_POLL = 5.0
+DEFERRED = 0.0
+"""Look again as soon as the urgent work is done (the queue puts it behind urgent keys)."""
 
 
 def _waiting_for_relay(computed: Mapping[str, Any]) -> bool:

@@ -93,14 +93,16 @@ class Rendered:
         and nothing else comes before it (the Services select the pod whenever it comes,
         so the pod does not wait for them); monitoring last, so a cluster without
         prometheus-operator holds nothing back."""
-        return (
-            self.config_map,
-            self.pvc,
-            self.deployment,
-            self.service,
-            self.metrics_service,
-            *self.monitoring,
-        )
+        return (*self.pod_objects(), *self.other_objects())
+
+    def pod_objects(self) -> tuple[Object, ...]:
+        """What the relay pod needs to start, in apply order: its relay.yaml, its spool
+        claim (the pod cannot be scheduled without it), its Deployment."""
+        return (self.config_map, self.pvc, self.deployment)
+
+    def other_objects(self) -> tuple[Object, ...]:
+        """The rest, in apply order: nothing the pod waits for."""
+        return (self.service, self.metrics_service, *self.monitoring)
 
 
 def labels(name: str) -> dict[str, str]:

@@ -83,9 +83,12 @@ class WorkQueue(Generic[Key]):
             self._ready.remove(key)
             self._urgent.append(key)
 
-    async def _take(self) -> Key:
+    async def _take(self) -> tuple[Key, bool]:
+        """The next key, and whether it was taken as urgent."""
         await self._available.acquire()
-        return self._urgent.popleft() if self._urgent else self._ready.popleft()
+        if self._urgent:
+            return self._urgent.popleft(), True
+        return self._ready.popleft(), False
 
     def add_after(self, key: Key, delay: float) -> None:
         """Work on ``key`` after ``delay`` seconds, unless it is due earlier already."""
@@ -109,7 +112,10 @@ class WorkQueue(Generic[Key]):
         self._active.discard(key)
         if after is not None:
             self._failures.pop(key, None)
-            self.add_after(key, after)
+            if after > 0:
+                self.add_after(key, after)
+            else:  # behind the urgent keys, not before them
+                self.add(key)
         elif forget:
             self._failures.pop(key, None)
             self._due.pop(key, None)
@@ -138,22 +144,25 @@ class WorkQueue(Generic[Key]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def run(self, work: Callable[[Key], Awaitable[bool | None]], *, workers: int = 4) -> None:
+    async def run(
+        self, work: Callable[[Key, bool], Awaitable[bool | float | None]], *, workers: int = 4
+    ) -> None:
         """Serve keys forever with ``workers`` workers.
 
-        ``work(key)`` returns True when the key is settled (resync later), False when it
-        failed (back off), None when the key is gone (forget it); an exception counts as a
-        failure.
+        ``work(key, urgent)`` (``urgent``: the key was taken from the urgent keys) returns
+        True when the key is settled (resync later), False when it failed (back off), None
+        when the key is gone (forget it), a number of seconds to come back after (0: as soon
+        as the urgent keys are served); an exception counts as a failure.
         """
 
         async def worker() -> None:
             while True:
-                key = await self._take()
+                key, urgent = await self._take()
                 self._queued.discard(key)
                 self._active.add(key)
                 outcome: bool | float | None = False
                 try:
-                    outcome = await work(key)
+                    outcome = await work(key, urgent)
                 except asyncio.CancelledError:
                     raise
                 except Exception:

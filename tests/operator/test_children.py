@@ -173,6 +173,49 @@ class TestChildren:
         seen = children.before_apply(_key(pvc))[1]
         assert not children.applied(pvc, _as_stored(pvc, "12", phase="Bound"), seen=seen)
 
+    def test_a_pvc_bound_by_its_controller_is_no_news_and_stays_untouched(self) -> None:
+        """The PV controller's two writes (volumeName and annotations, then the phase) leave
+        the operator's fields as applied: no reconcile, no apply. An edit of them is news."""
+        children = Children()
+        pvc = {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "mail-spool", "namespace": "team", "labels": {"a": "b"}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"s": "1Gi"}}},
+        }
+        children.applied(pvc, _as_stored(pvc, "10"))
+        assert not children.watched(_key(pvc), _as_stored(pvc, "10"))
+        bound = _as_stored(pvc, "11")
+        bound["metadata"]["annotations"] = {"pv.kubernetes.io/bind-completed": "yes"}
+        bound["metadata"]["labels"]["added-by-someone"] = "x"
+        bound["spec"] |= {"volumeName": "pv-1", "volumeMode": "Filesystem"}
+        assert not children.watched(_key(pvc), bound)
+        bound = copy.deepcopy(bound)
+        bound["metadata"]["resourceVersion"] = "12"
+        bound["status"] = {"phase": "Bound"}
+        assert not children.watched(_key(pvc), bound)
+        assert children.untouched(pvc, max_age=60)
+        edited = copy.deepcopy(bound)
+        edited["metadata"]["resourceVersion"] = "13"
+        edited["metadata"]["labels"]["a"] = "changed"
+        assert children.watched(_key(pvc), edited)
+        assert not children.untouched(pvc, max_age=60)
+        widened = copy.deepcopy(bound)
+        widened["metadata"]["resourceVersion"] = "14"
+        widened["spec"]["accessModes"] = ["ReadWriteOnce", "ReadOnlyMany"]
+        assert children.watched(_key(pvc), widened)
+        assert not children.untouched(pvc, max_age=60)
+
+    def test_a_config_map_changed_in_fields_not_the_operators_is_still_news(self) -> None:
+        """Only the kinds controllers write are looked into; any other change is news."""
+        children = Children()
+        obj = _config_map()
+        children.applied(obj, _as_stored(obj, "10"))
+        annotated = _as_stored(obj, "11")
+        annotated["metadata"]["annotations"] = {"someone": "else"}
+        assert children.watched(_key(obj), annotated)
+        assert not children.untouched(obj, max_age=60)
+
     def test_forget_drops_a_gone_relays_children(self) -> None:
         children = Children()
         obj = _deployment()

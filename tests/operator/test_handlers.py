@@ -22,7 +22,7 @@ async def test_every_worker_reconciles_at_the_same_time(monkeypatch: pytest.Monk
     barrier = threading.Barrier(workers, timeout=5)
     done: list[str] = []
 
-    def blocked(context: Any, namespace: str, name: str) -> bool:
+    def blocked(context: Any, namespace: str, name: str, *, urgent: bool) -> bool:
         barrier.wait()
         done.append(name)
         return True

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 from smtprelay_operator.workqueue import Backoff, WorkQueue
 
-Outcome = bool | None
+Outcome = bool | float | None
 
 
 class Recorder:
@@ -17,15 +17,17 @@ class Recorder:
 
     def __init__(self, answers: Callable[[str, int], Outcome]) -> None:
         self.calls: list[tuple[str, float]] = []
+        self.urgent: list[bool] = []  # whether each call was told it is the urgent pass
         self.running: set[str] = set()
         self.overlapped = False
         self._answers = answers
 
-    async def __call__(self, key: str) -> Outcome:
+    async def __call__(self, key: str, urgent: bool) -> Outcome:
         if key in self.running:
             self.overlapped = True
         self.running.add(key)
         self.calls.append((key, asyncio.get_running_loop().time()))
+        self.urgent.append(urgent)
         await asyncio.sleep(0.02)
         self.running.discard(key)
         return self._answers(key, len([c for c in self.calls if c[0] == key]))
@@ -36,6 +38,17 @@ async def serving(queue: WorkQueue[str], work: Recorder) -> AsyncIterator[None]:
     task = asyncio.create_task(queue.run(work, workers=3))
     try:
         yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def one_worker(queue: WorkQueue[str], work: Recorder, *, calls: int) -> None:
+    """Serve ``queue`` with one worker until ``work`` has been called ``calls`` times."""
+    task = asyncio.create_task(queue.run(work, workers=1))
+    try:
+        await until(lambda: len(work.calls) == calls)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -148,11 +161,19 @@ class TestWorkQueue:
         queue.add("s3", urgent=True)
         queue.add("n2", urgent=True)
         assert queue.waiting == 5
-        task = asyncio.create_task(queue.run(work, workers=1))
-        try:
-            await until(lambda: len(work.calls) == 5)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await one_worker(queue, work, calls=5)
         assert [key for key, _ in work.calls] == ["n1", "s3", "n2", "s1", "s2"]
+
+    async def test_a_deferred_key_comes_back_behind_the_urgent_ones(self) -> None:
+        """A new SmtpRelay's urgent pass applies its pod's objects and defers the rest (0):
+        the rest comes back as a non-urgent pass after every waiting urgent key, however
+        many, behind what was waiting already (in order, like any other refresh)."""
+        work = Recorder(lambda key, n: 0.0 if n == 1 and key.startswith("n") else True)
+        queue: WorkQueue[str] = WorkQueue(backoff=Backoff(), resync=3600)
+        queue.add("s1")
+        for key in ("n1", "n2", "n3"):
+            queue.add(key, urgent=True)
+        await one_worker(queue, work, calls=7)
+        assert [key for key, _ in work.calls] == ["n1", "n2", "n3", "s1", "n1", "n2", "n3"]
+        assert work.urgent == [True, True, True, False, False, False, False]
+        assert queue.failures("n1") == 0
