@@ -76,8 +76,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         settings.scanning.disabled = True
     workers = getattr(memo, "workers", DEFAULT_WORKERS)
     resync = getattr(memo, "resync", DEFAULT_RESYNC)
-    kube = getattr(memo, "kube", None) or Kube(load_api_client(connections=workers + 2))
+    # A connection for each worker and for each apply alongside a worker's (`applying`).
+    kube = getattr(memo, "kube", None) or Kube(load_api_client(connections=2 * workers + 2))
+    memo.side = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="apply")
     memo.context = reconcile.Context(
+        side=memo.side,
         kube=kube,
         recorder=Recorder(kube, component=api.FIELD_MANAGER, instance=socket.gethostname()),
         defaults=memo.defaults,
@@ -107,9 +110,10 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    executor = getattr(memo, "executor", None)
-    if executor is not None:
-        executor.shutdown(wait=False, cancel_futures=True)
+    for name in ("executor", "side"):
+        executor = getattr(memo, name, None)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 def reconcile_executor(workers: int) -> ThreadPoolExecutor:

@@ -12,10 +12,10 @@ one SmtpRelay is never reconciled by two workers at once.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import functools
-import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,10 +24,11 @@ import yaml
 from kubernetes.client import ApiException
 from smtprelay.config import ConfigError, parse_config
 
-from smtprelay_operator import api, metrics, policy, relayconfig, render, status
-from smtprelay_operator.children import Children, key_of
+from smtprelay_operator import api, policy, relayconfig, render, status
+from smtprelay_operator.applying import Applying, apply_stages
+from smtprelay_operator.children import Children
 from smtprelay_operator.events import Involved, Recorder
-from smtprelay_operator.kube import CONFLICT, NOT_FOUND, Kube
+from smtprelay_operator.kube import CONFLICT, Kube
 from smtprelay_operator.relaycache import RelayCache
 
 _log = logging.getLogger(__name__)
@@ -61,14 +62,9 @@ class Context:
     empty: not asked, and Ready follows the Deployment alone."""
     known: set[str] = dataclasses.field(default_factory=set)
     """uids reconciled at least once by this process (logged once, at INFO)."""
-
-
-def _api_message(error: ApiException) -> str:
-    """The API server's own message (it names the field), not the whole response body."""
-    try:
-        return str(json.loads(error.body or "{}").get("message") or error.body)
-    except ValueError:
-        return str(error.body)
+    side: concurrent.futures.Executor | None = None
+    """Threads for the applies that go alongside a reconcile's own (one stage's objects);
+    None: one after the other."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -172,65 +168,6 @@ def _observer(
     return observe
 
 
-@dataclasses.dataclass
-class _Applying:
-    """What applying some of one SmtpRelay's children came to."""
-
-    failures: list[str] = dataclasses.field(default_factory=list)
-    deployment: Object | None = None
-    """The Deployment as its apply returned it (None if not applied)."""
-    sent: int = 0
-    """Applies sent (the others were untouched since the operator's last apply)."""
-    config_failed: bool = False
-
-
-def _apply_children(
-    ctx: Context,
-    objects: tuple[Object, ...],
-    involved: Involved,
-    *,
-    caught_up: bool,
-    into: _Applying,
-) -> _Applying:
-    """Apply ``objects`` in order, the Deployment only if the ConfigMap went through: a pod
-    must never roll onto a hash whose relay.yaml is not in place. A child the operator
-    applied just so and nobody has touched since is left alone.
-    """
-    failures = into.failures
-    for obj in objects:
-        target = f"{obj['kind']} {obj['metadata']['name']}"
-        if obj["kind"] == "Deployment" and into.config_failed:
-            failures.append(f"{target} not applied: its ConfigMap was not")
-            continue
-        if ctx.children.untouched(obj, max_age=ctx.reapply_after):
-            metrics.APPLIES.labels(outcome="unchanged").inc()
-            continue
-        metrics.APPLIES.labels(outcome="applied").inc()
-        into.sent += 1
-        before = ctx.children.before_apply(key_of(obj))
-        try:
-            after = ctx.kube.apply(obj)
-        except ApiException as error:
-            if error.status == NOT_FOUND and obj["apiVersion"].startswith("monitoring.coreos"):
-                failures.append(
-                    f"applying {target}: the cluster has no {obj['kind']} kind; install "
-                    "prometheus-operator's CRDs or turn it off in spec.monitoring"
-                )
-                continue
-            failures.append(f"applying {target}: {error.reason}: {_api_message(error)}")
-            into.config_failed = into.config_failed or obj["kind"] == "ConfigMap"
-            continue
-        known, state = before
-        put_back = ctx.children.applied(obj, after, seen=state)
-        if obj["kind"] == "Deployment":
-            into.deployment = after
-        if caught_up and (put_back or (known and state is None)):  # changed, or deleted
-            message = f"{target} was changed or deleted outside the operator; restored it"
-            _log.info("%s/%s: %s", involved.namespace, involved.name, message)
-            ctx.recorder.record(involved, kind="Warning", reason="Restored", message=message)
-    return into
-
-
 def _refusal(ctx: Context, namespace: str, spec: Mapping[str, Any]) -> policy.Refusal | None:
     allowed = ctx.defaults.allowed_images or policy.default_allowed_images(ctx.defaults.relay_image)
     refusal = policy.image_refusal(spec, allowed)
@@ -253,7 +190,7 @@ def reconcile(
     relay.yaml), None when the SmtpRelay no longer exists.
 
     ``urgent``: the pass a new or changed SmtpRelay gets before the queue's other work.
-    It applies only what the relay pod needs (``Rendered.pod_objects``) and returns
+    It applies only what the relay pod needs (``Rendered.pod_stages``) and returns
     `DEFERRED`: the Services, the Applied Event and the status follow in the next pass,
     behind the other new SmtpRelays' pods. During a burst of creates a worker then spends
     three requests on each new SmtpRelay instead of seven to ten, and keeps pace.
@@ -296,12 +233,12 @@ def reconcile(
         return _fail(ctx, relay, involved, generation, applied_hash, failure, settled=settled)
 
     changed = not caught_up or known.get("configHash") != rendered.config_hash
-    applying = _apply_children(
-        ctx, rendered.pod_objects(), involved, caught_up=caught_up, into=_Applying()
+    applying = apply_stages(
+        ctx, rendered.pod_stages(), involved, caught_up=caught_up, into=Applying()
     )
     if urgent and changed and applying.sent and not applying.failures:
         return DEFERRED
-    _apply_children(ctx, rendered.other_objects(), involved, caught_up=caught_up, into=applying)
+    apply_stages(ctx, rendered.other_stages(), involved, caught_up=caught_up, into=applying)
     failures, deployment = applying.failures, applying.deployment
     if not applying.config_failed:
         applied_hash = rendered.config_hash

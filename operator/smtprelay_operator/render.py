@@ -93,16 +93,17 @@ class Rendered:
         and nothing else comes before it (the Services select the pod whenever it comes,
         so the pod does not wait for them); monitoring last, so a cluster without
         prometheus-operator holds nothing back."""
-        return (*self.pod_objects(), *self.other_objects())
+        return tuple(obj for stage in (*self.pod_stages(), *self.other_stages()) for obj in stage)
 
-    def pod_objects(self) -> tuple[Object, ...]:
-        """What the relay pod needs to start, in apply order: its relay.yaml, its spool
-        claim (the pod cannot be scheduled without it), its Deployment."""
-        return (self.config_map, self.pvc, self.deployment)
+    def pod_stages(self) -> tuple[tuple[Object, ...], ...]:
+        """What the relay pod needs to start, stage by stage (a stage's objects may be
+        applied side by side): what it mounts (its relay.yaml and its spool claim,
+        without which it cannot be scheduled), then its Deployment."""
+        return ((self.config_map, self.pvc), (self.deployment,))
 
-    def other_objects(self) -> tuple[Object, ...]:
-        """The rest, in apply order: nothing the pod waits for."""
-        return (self.service, self.metrics_service, *self.monitoring)
+    def other_stages(self) -> tuple[tuple[Object, ...], ...]:
+        """The rest, which the pod does not wait for: one stage."""
+        return ((self.service, self.metrics_service, *self.monitoring),)
 
 
 def labels(name: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from smtprelay_operator import api, reconcile, render
@@ -25,12 +26,14 @@ OTHERS = (("service", "{}"), ("service", "{}-metrics"))
 
 @pytest.fixture
 def context(control_plane: ControlPlane) -> Iterator[reconcile.Context]:
-    with control_plane.api_client() as api_client:
+    """As the operator makes it: a stage's objects are applied side by side."""
+    with control_plane.api_client() as api_client, ThreadPoolExecutor(2) as side:
         kube = Kube(api_client)
         yield reconcile.Context(
             kube=kube,
             recorder=Recorder(kube, component=api.FIELD_MANAGER, instance=socket.gethostname()),
             defaults=render.OperatorDefaults(relay_image=TEST_IMAGE),
+            side=side,
         )
 
 
