@@ -29,7 +29,7 @@ from smtprelay_operator.applying import Applying, apply_stages
 from smtprelay_operator.children import Children
 from smtprelay_operator.events import Involved, Recorder
 from smtprelay_operator.kube import CONFLICT, Kube
-from smtprelay_operator.relaycache import RelayCache
+from smtprelay_operator.relaycache import RelayCache, Renders
 
 _log = logging.getLogger(__name__)
 _STATUS_WRITE_ATTEMPTS = 5
@@ -54,6 +54,7 @@ class Context:
     defaults: render.OperatorDefaults
     children: Children = dataclasses.field(default_factory=Children)
     relays: RelayCache = dataclasses.field(default_factory=RelayCache)
+    renders: Renders = dataclasses.field(default_factory=Renders)
     reapply_after: float = 600.0
     """An unchanged child the watch reports untouched is applied again only after this
     long (the resync is longer, so a resync applies everything)."""
@@ -206,13 +207,7 @@ def reconcile(
     generation = _generation(meta)
     known = relay.get("status") or {}
     caught_up = known.get("observedGeneration") == generation and "configHash" in known
-    rendered = render.render(
-        name=name,
-        namespace=namespace,
-        spec=relay.get("spec") or {},
-        owner=render.Owner(name=name, uid=meta["uid"]),
-        defaults=ctx.defaults,
-    )
+    rendered = ctx.renders.of(relay, ctx.defaults)
     applied_hash = str(known.get("configHash") or rendered.config_hash)
     applied_restart = rendered.restart_hash
 

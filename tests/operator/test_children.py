@@ -7,7 +7,8 @@ from typing import Any
 
 from smtprelay_operator import api
 from smtprelay_operator.children import Children
-from smtprelay_operator.relaycache import RelayCache
+from smtprelay_operator.relaycache import RelayCache, Renders
+from smtprelay_operator.render import OperatorDefaults
 
 
 def _config_map(data: str = "a") -> dict[str, Any]:
@@ -263,3 +264,23 @@ class TestRelayCache:
         cache.note(_relay("8"))  # someone changed it after
         cache.replaced(_relay("6"), _relay("7", observedGeneration=1))
         assert cache.get("team", "mail")["metadata"]["resourceVersion"] == "8"  # type: ignore[index]
+
+
+class TestRenders:
+    def test_one_render_per_generation(self) -> None:
+        """A second pass or a status refresh of the same generation renders nothing again;
+        a new generation (a spec change) or a new uid (a new SmtpRelay) does."""
+        renders, defaults = Renders(size=2), OperatorDefaults(relay_image="r/i:1")
+        first = renders.of(_relay("5"), defaults)
+        assert renders.of(_relay("6", observedGeneration=1), defaults) is first
+        changed = _relay("7")
+        changed["metadata"]["generation"] = 2
+        changed["spec"] = {"delivery": {"tries": 4}}
+        second = renders.of(changed, defaults)
+        assert second is not first
+        assert "tries: 4" in second.relay_yaml
+        assert "tries: 3" in first.relay_yaml
+        other = _relay("8")
+        other["metadata"]["uid"] = "u2"
+        assert renders.of(other, defaults) is not first
+        assert renders.of(_relay("9"), defaults) is not first  # the oldest of 3 went (size 2)
