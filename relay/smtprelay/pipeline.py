@@ -42,6 +42,8 @@ class Protocol(aiosmtplib.protocol.SMTPProtocol):
             return
         # A later reply of the batch, come before its turn: kept for `_next_reply` (aiosmtplib
         # would drop it), within aiosmtplib's own bound.
+        if self.overflow is not None:
+            return
         if len(self._buffer) + len(data) > aiosmtplib.protocol.MAX_RESPONSE_LENGTH:
             self.overflow = aiosmtplib.SMTPResponseException(500, "Response too long")
             del self._buffer[:]
@@ -63,6 +65,11 @@ def quoted(address: str) -> str:
 
 
 async def _next_reply(protocol: Protocol, timeout: float | None) -> SMTPResponse:
+    """The batch's next reply: the one aiosmtplib parsed already, else the next one kept in
+    the buffer, else the next to arrive."""
+    waiter = protocol._response_waiter
+    if waiter is not None and waiter.done():
+        return await protocol.read_response(timeout=timeout)
     if protocol.overflow is not None:
         raise protocol.overflow
     buffered = protocol._read_response_from_buffer()
