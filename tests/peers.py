@@ -161,13 +161,31 @@ class _SinkHandler:
             return "421 4.4.2 sink: session timed out"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        # What the client had sent already behind its MAIL (read, not yet handled): its RCPT
+        # lines when it pipelines.
+        self._sink.after_mail.append(bytes(server._reader._buffer))  # type: ignore[attr-defined]
         return "250 2.1.0 OK"
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self._sink.pipelining:  # aiosmtpd reads pipelined commands one by one anyway
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        if self._sink.rcpt_delay:  # each RCPT reply its own packet, after the MAIL reply
+            await asyncio.sleep(self._sink.rcpt_delay)
         reply = self._sink.rcpt_reply(address)
-        if reply.startswith("250"):
+        if reply.startswith("250") or self._sink.data_despite_refusals:
             envelope.rcpt_tos.append(address)
         return reply
 
@@ -211,10 +229,16 @@ class Sink:
         hold: threading.Event | None = None,
         data_delay: float = 0.0,
         mails_per_session: int | None = None,
+        pipelining: bool = False,
+        rcpt_delay: float = 0.0,
+        data_despite_refusals: bool = False,
         **smtp_options: Any,
     ) -> None:
         """``hold``: DATA is answered only once it is set; ``mails_per_session``: a MAIL
         beyond that many on one connection is answered 421 and the connection closed;
+        ``pipelining``: EHLO offers PIPELINING; ``rcpt_delay``: each RCPT is answered late;
+        ``data_despite_refusals``: DATA is answered 354 even when every RCPT was refused (a
+        broken hop);
         ``smtp_options`` go to aiosmtpd's SMTP (``tls_context``, ``authenticator``,
         ``auth_required`` ...)."""
         self.host = host
@@ -227,6 +251,10 @@ class Sink:
         self.in_data = threading.Event()
         self.data_delay = data_delay
         self.mails_per_session = mails_per_session
+        self.pipelining = pipelining
+        self.after_mail: list[bytes] = []
+        self.data_despite_refusals = data_despite_refusals
+        self.rcpt_delay = rcpt_delay
         self.active = 0  # sessions in DATA now, and the most there ever were at once
         self.most_active = 0
         self._controller = Controller(

@@ -14,20 +14,23 @@ With ``logging.debug`` the client writes a transcript (see :mod:`smtprelay.trans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
+from smtprelay import pipeline
+from smtprelay.commands import Carried, command_line, mail_parameters, rcpt_parameters
 from smtprelay.config import TlsLevel
-from smtprelay.dsn import MailOptions, RecipientOptions
+from smtprelay.dsn import RecipientOptions
 from smtprelay.scache import ConnectionCache, Session, quit_politely
 from smtprelay.sendbody import RefusedAfterDot, send_body
 from smtprelay.spool import MessageFile
@@ -161,41 +164,6 @@ async def _secure(client: TranscribingSMTP, target: Target, policy: Policy, leve
     return "verified" if level == "verify" else "encrypted"
 
 
-@dataclass(frozen=True)
-class Carried:
-    """What the message carries to the next hop besides its data (see :mod:`smtprelay.dsn`)."""
-
-    options: MailOptions = field(default_factory=MailOptions)
-    recipients: Mapping[str, RecipientOptions] = field(default_factory=dict)
-
-
-def _mail_parameters(client: aiosmtplib.SMTP, carried: Carried) -> list[str] | str:
-    """MAIL FROM parameters for this hop, or why the message cannot go to it."""
-    options = carried.options
-    parameters: list[str] = []
-    if options.smtputf8:
-        if not client.supports_extension("smtputf8"):
-            return "553 5.6.7 the next hop does not offer SMTPUTF8, which this message's addresses need (RFC 6531)"
-        parameters.append("SMTPUTF8")
-    if options.body == "8BITMIME":
-        if not client.supports_extension("8bitmime"):
-            return "554 5.6.3 the next hop does not accept 8-bit data (RFC 6152) and the relay does not convert it"
-        parameters.append("BODY=8BITMIME")
-    if client.supports_extension("dsn"):
-        if options.ret:
-            parameters.append(f"RET={options.ret}")
-        if options.envid:
-            parameters.append(f"ENVID={options.envid}")
-    return parameters
-
-
-def _rcpt_parameters(client: aiosmtplib.SMTP, options: RecipientOptions) -> list[str]:
-    if not client.supports_extension("dsn"):
-        return []
-    parameters = [f"NOTIFY={','.join(options.notify)}"] if options.notify else []
-    return parameters + ([f"ORCPT={options.orcpt}"] if options.orcpt else [])
-
-
 async def _transaction(
     session: Session,
     sender: str,
@@ -215,31 +183,21 @@ async def _transaction(
     if client.last_ehlo_response is None and client.last_helo_response is None:
         await client.ehlo()
     template = replace(template, dsn=client.supports_extension("dsn"))
-    parameters = _mail_parameters(client, carried)
+    parameters = mail_parameters(client, carried)
     if isinstance(parameters, str):
         code, _, text = parameters.partition(" ")
         session.clean = True  # nothing was sent
         return dict.fromkeys(recipients, result("failed", int(code), text))
     encoding = "utf-8" if carried.options.smtputf8 else "ascii"
-    await client.mail(sender, options=parameters, encoding=encoding)
-    results: dict[str, Result] = {}
-    accepted: list[str] = []
-    for recipient in recipients:
-        options = carried.recipients.get(recipient, RecipientOptions())
-        try:
-            reply = await client.rcpt(
-                recipient, options=_rcpt_parameters(client, options), encoding=encoding
-            )
-        except aiosmtplib.SMTPRecipientRefused as error:
-            results[recipient] = result(classify(error.code), error.code, error.message)
-        except ValueError as error:  # a spooled address aiosmtplib will not send
-            results[recipient] = result("failed", 553, f"5.1.3 {error}")
-        else:
-            accepted.append(recipient)
-            results[recipient] = result("delivered", reply.code, reply.message)
+    envelope = _Envelope(sender, recipients, carried, parameters, encoding, result)
+    if client.supports_extension("pipelining"):
+        results, accepted, started = await _pipelined(client, envelope)
+    else:
+        results, accepted = await _one_by_one(client, envelope)
+        started = False
     if accepted:
         try:
-            reply = await _send(client, data)
+            reply = await _send(client, data, started=started)
         except aiosmtplib.SMTPResponseException as error:
             for recipient in accepted:
                 results[recipient] = result(classify(error.code), error.code, error.message)
@@ -251,11 +209,101 @@ async def _transaction(
     return results
 
 
-async def _send(client: aiosmtplib.SMTP, data: MessageFile) -> SMTPResponse:
-    """DATA streamed from the spool file (see :mod:`smtprelay.sendbody`)."""
+@dataclass(frozen=True)
+class _Envelope:
+    """One transaction's MAIL and RCPTs, and how a reply becomes a recipient's result."""
+
+    sender: str
+    recipients: tuple[str, ...]
+    carried: Carried
+    parameters: list[str]  # of MAIL FROM
+    encoding: str
+    result: Callable[[Outcome, int, str], Result]
+
+
+async def _one_by_one(
+    client: aiosmtplib.SMTP, envelope: _Envelope
+) -> tuple[dict[str, Result], list[str]]:
+    """MAIL, then each RCPT, each waiting for its reply: results so far, and who was accepted."""
+    result, encoding = envelope.result, envelope.encoding
+    await client.mail(envelope.sender, options=envelope.parameters, encoding=encoding)
+    results: dict[str, Result] = {}
+    accepted: list[str] = []
+    for recipient in envelope.recipients:
+        options = envelope.carried.recipients.get(recipient, RecipientOptions())
+        try:
+            reply = await client.rcpt(
+                recipient, options=rcpt_parameters(client, options), encoding=encoding
+            )
+        except aiosmtplib.SMTPRecipientRefused as error:
+            results[recipient] = result(classify(error.code), error.code, error.message)
+        except ValueError as error:  # a spooled address aiosmtplib will not send
+            results[recipient] = result("failed", 553, f"5.1.3 {error}")
+        else:
+            accepted.append(recipient)
+            results[recipient] = result("delivered", reply.code, reply.message)
+    return results, accepted
+
+
+async def _pipelined(
+    client: aiosmtplib.SMTP, envelope: _Envelope
+) -> tuple[dict[str, Result], list[str], bool]:
+    """MAIL, every RCPT and DATA in one write (RFC 2920); as `_one_by_one`, and whether the
+    data may follow (DATA was answered 354 and someone was accepted)."""
+    sender, recipients, carried, encoding, result = (
+        envelope.sender,
+        envelope.recipients,
+        envelope.carried,
+        envelope.encoding,
+        envelope.result,
+    )
+    mail = command_line(b"MAIL FROM:", sender, envelope.parameters, encoding)
+    results: dict[str, Result] = {}
+    lines: list[bytes] = []
+    sent: list[str] = []
+    for recipient in recipients:
+        options = carried.recipients.get(recipient, RecipientOptions())
+        try:
+            lines.append(
+                command_line(b"RCPT TO:", recipient, rcpt_parameters(client, options), encoding)
+            )
+        except ValueError as error:  # a spooled address aiosmtplib will not send
+            results[recipient] = result("failed", 553, f"5.1.3 {error}")
+        else:
+            sent.append(recipient)
+    if not sent:
+        return results, [], False
+    batch = [mail, *lines, b"DATA"]
+    replies = await pipeline.batch(client, batch, timeout=client.timeout)
     if isinstance(client, TranscribingSMTP):
-        return await client.send_file(data, timeout=client.timeout)
-    return await send_body(client, data.pieces(), timeout=client.timeout)
+        client.transcribe(batch, replies)
+    first, data = replies[0], replies[-1]
+    accepted: list[str] = []
+    if first.code == 250:
+        for recipient, reply in zip(sent, replies[1:-1], strict=True):
+            if reply.code in (250, 251):
+                accepted.append(recipient)
+            results[recipient] = result(classify(reply.code), reply.code, reply.message)
+    if data.code == 354 and not accepted:
+        # DATA taken with nobody to deliver to: end it empty at once, as Postfix does; the
+        # session is not clean (RSET before it carries another message).
+        with contextlib.suppress(aiosmtplib.SMTPResponseException):
+            await send_body(client, [], timeout=client.timeout, started=True)
+    if first.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(first.code, first.message, sender)
+    if accepted and data.code != 354:
+        for recipient in accepted:
+            results[recipient] = result(classify(data.code), data.code, data.message)
+        return results, [], False
+    return results, accepted, True
+
+
+async def _send(client: aiosmtplib.SMTP, data: MessageFile, *, started: bool) -> SMTPResponse:
+    """DATA streamed from the spool file (see :mod:`smtprelay.sendbody`); ``started``: DATA
+    was sent and answered 354 already, pipelined."""
+    if isinstance(client, TranscribingSMTP):
+        return await client.send_file(data, timeout=client.timeout, started=started)
+    return await send_body(client, data.pieces(), timeout=client.timeout, started=started)
 
 
 async def _open(

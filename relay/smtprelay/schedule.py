@@ -18,8 +18,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from smtprelay import bounce
+from smtprelay.commands import Carried
 from smtprelay.config import MailSettings, split_hostport
-from smtprelay.deliver import Carried, Credentials, Policy, Result, Target, deliver
+from smtprelay.deliver import Credentials, Policy, Result, Target, deliver
 from smtprelay.dsn import MailOptions
 from smtprelay.logs import mail_log, system_log
 from smtprelay.metrics import METRICS

@@ -40,18 +40,24 @@ def stuffed(pieces: Iterable[bytes]) -> Iterable[bytes]:
 
 
 async def send_body(
-    client: aiosmtplib.SMTP, pieces: Iterable[bytes], *, timeout: float | None
+    client: aiosmtplib.SMTP,
+    pieces: Iterable[bytes],
+    *,
+    timeout: float | None,
+    started: bool = False,
 ) -> SMTPResponse:
-    """DATA, the message, ``.``; returns the final reply or raises `SMTPDataError`."""
+    """DATA, the message, ``.``; returns the final reply or raises `SMTPDataError`.
+    ``started``: DATA was sent already and answered 354 (pipelined, :mod:`smtprelay.pipeline`)."""
     protocol = client.protocol
     if protocol is None or protocol._command_lock is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     async with protocol._command_lock:
-        protocol._response_pending = True
-        protocol.write(b"DATA\r\n")
-        start = await protocol.read_response(timeout=timeout)
-        if start.code != 354:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        if not started:
+            protocol._response_pending = True
+            protocol.write(b"DATA\r\n")
+            start = await protocol.read_response(timeout=timeout)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
         protocol._response_pending = True  # a reply sent early (552 ...) must not be lost
         previous = b""
         for piece in stuffed(pieces):

@@ -258,6 +258,7 @@ def _session_factory(
             data_timeout=config.limits.data_timeout,
             errors_limit=config.limits.errors_per_session,
             proxies=proxies(config),
+            loop=asyncio.get_running_loop(),
         )
 
     return factory

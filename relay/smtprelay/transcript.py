@@ -96,13 +96,29 @@ class TranscribingSMTP(aiosmtplib.SMTP):
         self._reply(response)
         return response
 
-    async def send_file(self, message: MessageFile, *, timeout: float | None) -> SMTPResponse:
-        """DATA with the message streamed from the spool (see :mod:`smtprelay.sendbody`)."""
+    def transcribe(self, lines: list[bytes], replies: list[SMTPResponse]) -> None:
+        """A pipelined batch (:mod:`smtprelay.pipeline`): the commands, then their replies."""
         if not debug_enabled():
-            return await send_body(self, message.pieces(), timeout=timeout)
-        record("send", self._peer, f"DATA ({message.size} bytes)")
+            return
+        for line in lines:
+            record("send", self._peer, mask_auth(line.decode("utf-8", "replace")))
+        for reply in replies:
+            self._reply(reply)
+
+    async def send_file(
+        self, message: MessageFile, *, timeout: float | None, started: bool = False
+    ) -> SMTPResponse:
+        """DATA with the message streamed from the spool (see :mod:`smtprelay.sendbody`);
+        ``started``: DATA went out pipelined and was answered 354."""
+        if not debug_enabled():
+            return await send_body(self, message.pieces(), timeout=timeout, started=started)
+        record(
+            "send",
+            self._peer,
+            f"message ({message.size} bytes)" if started else f"DATA ({message.size} bytes)",
+        )
         try:
-            response = await send_body(self, message.pieces(), timeout=timeout)
+            response = await send_body(self, message.pieces(), timeout=timeout, started=started)
         except aiosmtplib.SMTPResponseException as error:
             record("recv", self._peer, f"{error.code} {error.message}")
             raise

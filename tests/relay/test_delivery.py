@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from tests.peers import Dnsmasq, Relay, Sink, Zone, wait_for
 from tests.relay.mail import send
 
@@ -200,13 +202,22 @@ class TestConnectionCache:
         attempts = [e for e in relay.events("delivery") if e["recipient"] == "two@example.test"]
         assert [e["outcome"] for e in attempts] == ["delivered"]
 
+    @pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
     def test_a_session_the_host_timed_out_is_replaced_within_the_attempt(
-        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+        self,
+        start_dns: Start,
+        start_sink: Start,
+        start_relay: Start,
+        smtp_port: int,
+        pipelining: bool,
     ) -> None:
-        """A gateway that ends a cached session (421 to the next MAIL, then closes) costs
-        the message no deferral: it goes out at once on a new connection."""
+        """A gateway that ends a cached session (421 to the next MAIL, then closes; pipelined,
+        the rest of the batch is left unanswered) costs the message no deferral: it goes out
+        at once on a new connection."""
         dns = start_dns(_zone())
-        gateway: Sink = start_sink("127.0.0.9", smtp_port, mails_per_session=1)
+        gateway: Sink = start_sink(
+            "127.0.0.9", smtp_port, mails_per_session=1, pipelining=pipelining
+        )
         relay = _gateway_relay(
             start_relay, dns, smtp_port, delivery={"concurrency": 1, "queueTimer": "1h"}
         )
@@ -217,15 +228,23 @@ class TestConnectionCache:
         assert [e["outcome"] for e in relay.events("delivery")] == ["delivered"] * 3
         assert len({m.source for m in gateway.messages}) == 3
 
+    @pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
     def test_a_session_left_mid_transaction_is_reset_before_reuse(
-        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+        self,
+        start_dns: Start,
+        start_sink: Start,
+        start_relay: Start,
+        smtp_port: int,
+        pipelining: bool,
     ) -> None:
-        """A transaction whose every recipient was refused leaves MAIL open on the server;
-        the next message on that session is preceded by RSET (else: 503 nested MAIL)."""
+        """A transaction whose every recipient was refused (pipelined: DATA refused in the
+        same batch) leaves MAIL open on the server; the next message on that session is
+        preceded by RSET (else: 503 nested MAIL)."""
         dns = start_dns(_zone())
         gateway: Sink = start_sink(
             "127.0.0.9",
             smtp_port,
+            pipelining=pipelining,
             rcpt_reply=lambda address: "550 5.1.1 no" if address.startswith("gone") else "250 OK",
         )
         relay = _gateway_relay(start_relay, dns, smtp_port, delivery={"concurrency": 1})

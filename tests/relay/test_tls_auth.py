@@ -315,14 +315,22 @@ class TestGatewayAuth:
         )
         return relay
 
+    @pytest.mark.parametrize("pipelining", [False, True], ids=["one-by-one", "pipelined"])
     def test_the_relay_authenticates_to_the_gateway_over_starttls(
-        self, start_sink: Start, start_relay: Start, smtp_port: int, tmp_path: Path
+        self,
+        start_sink: Start,
+        start_relay: Start,
+        smtp_port: int,
+        tmp_path: Path,
+        pipelining: bool,
     ) -> None:
-        """With credentialsFile the relay does STARTTLS, then AUTH, then sends; no secret logged."""
+        """With credentialsFile the relay does STARTTLS, then AUTH, then sends (pipelined
+        inside TLS where offered); no secret logged."""
         certs = Certificates(tmp_path / "gw-tls", names=("127.0.0.9",))
         gateway: Sink = start_sink(
             "127.0.0.9",
             smtp_port,
+            pipelining=pipelining,
             tls_context=certs.server_context(),
             authenticator=_GatewayLogin(),
             auth_required=True,
@@ -333,6 +341,7 @@ class TestGatewayAuth:
         [got] = gateway.wait_for_messages()
         assert got.login == "relay"
         assert got.recipients == ("bob@example.test",)
+        assert (b"RCPT TO:" in gateway.after_mail[0]) == pipelining
         sent = [e["line"] for e in relay.events("smtp") if e["direction"] == "send"]
         assert sent.index("STARTTLS") < next(i for i, s in enumerate(sent) if s.startswith("AUTH"))
         assert "gw-secret" not in relay.log_text()
