@@ -191,10 +191,11 @@ def reconcile(
     relay.yaml), None when the SmtpRelay no longer exists.
 
     ``urgent``: the pass a new or changed SmtpRelay gets before the queue's other work.
-    It applies only what the relay pod needs (``Rendered.pod_stages``) and returns
-    `DEFERRED`: the Services, the Applied Event and the status follow in the next pass,
-    behind the other new SmtpRelays' pods. During a burst of creates a worker then spends
-    three requests on each new SmtpRelay instead of seven to ten, and keeps pace.
+    When its generation is not yet all applied, it applies only what the relay pod needs
+    (``Rendered.pod_stages``) and, if that went through, returns `DEFERRED`: the Services,
+    the Applied Event and the status follow in the next pass, behind the other new
+    SmtpRelays' pods. During a burst of creates a worker then spends three requests on each
+    new SmtpRelay instead of seven to ten, and keeps pace. A failure is reported at once.
     """
     relay = ctx.relays.get(namespace, name) or ctx.kube.get(
         api.API_VERSION, api.KIND, namespace=namespace, name=name
