@@ -10,7 +10,7 @@ attempts), swaps them in the `reload.Live` holders, and reports each switch in t
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,10 @@ def watch(
     setup: Live[Setup],
     hostname: str,
     spool_dir: Path,
+    on_switched: Callable[[], None] = lambda: None,
 ) -> reload.ConfigWatcher:
     """A watcher that switches ``live`` and ``setup`` to each valid new relay.yaml, and
-    ``setup`` to new gateway credentials."""
+    ``setup`` to new gateway credentials; ``on_switched`` after each switch."""
     log = system_log()
     path, loaded, overrides = source
     running = {"hash": loaded.hash}
@@ -114,6 +115,7 @@ def watch(
         METRICS.config_reloads.labels(outcome="reloaded").inc()
         log.info("config_reloaded", hash=new.hash, previous=running["hash"], file=str(path))
         running["hash"] = new.hash
+        on_switched()
 
     def refused(problem: reload.Refused) -> None:
         METRICS.config_reloads.labels(outcome="refused").inc()

@@ -42,6 +42,10 @@ TERMINATION_GRACE = 30.0  # the operator's terminationGracePeriodSeconds
 SESSIONS_FULL = "421 4.3.2 Too many sessions, try again later"
 CLIENT_FULL = "421 4.7.0 Too many sessions from your address, try again later"
 
+# Held from the start until their handlers are in place: their default action ends the
+# process. SIGUSR1 is `queue flush`; SIGHUP says "look at relay.yaml now".
+_HELD = {signal.SIGUSR1, signal.SIGHUP}
+
 
 class _Sessions:
     """The SMTP sessions open now, so shutdown can tell them and wait for them, and
@@ -167,7 +171,7 @@ async def run(
     ``handoff_fd`` (its inotify descriptor on the queue directory) it gives what it accepts
     to the next worker and schedules what the previous one gives it.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # until _serve's handler is in
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)  # until _serve's handlers are in
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(_log_loop_errors)
     stop = stop or asyncio.Event()
@@ -275,10 +279,12 @@ async def _listen(
 
 
 def _current(
-    config: RelayConfig, *, hostname: str, source: reload.Source | None
+    config: RelayConfig, *, hostname: str, source: reload.Source | None, supervised: bool
 ) -> tuple[Live[RelayConfig], Live[Setup], reload.ConfigWatcher | None]:
     """The live holders the stages read, and the watcher that swaps them (when the relay
-    was started from a file it can re-read)."""
+    was started from a file it can re-read). A ``supervised`` worker that switches tells
+    its supervisor (SIGHUP), which has every other worker look at once: the workers of one
+    relay switch together, not each at its own poll up to a second apart."""
     live = Live(config)
     try:
         setup = Live(current.setup_for(config, hostname, current.credentials_of(config)))
@@ -286,10 +292,40 @@ def _current(
         raise StartError(str(error)) from None
     if source is None:
         return live, setup, None
+    supervisor = os.getppid() if supervised else 0
     watcher = current.watch(
-        source, live=live, setup=setup, hostname=hostname, spool_dir=config.spool_dir
+        source,
+        live=live,
+        setup=setup,
+        hostname=hostname,
+        spool_dir=config.spool_dir,
+        on_switched=(lambda: os.kill(supervisor, signal.SIGHUP)) if supervised else _nothing,
     )
     return live, setup, watcher
+
+
+def _handle_signals(
+    loop: asyncio.AbstractEventLoop,
+    *,
+    stop: asyncio.Event,
+    scheduler: Scheduler,
+    watcher: reload.ConfigWatcher | None,
+) -> None:
+    """SIGTERM/SIGINT stop, SIGUSR1 flushes the queue, SIGHUP looks at relay.yaml now."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(
+        signal.SIGUSR1, lambda: system_log().info("flush", due=scheduler.flush())
+    )
+    loop.add_signal_handler(signal.SIGHUP, watcher.check if watcher is not None else _nothing)
+    # `queue flush` (SIGUSR1) or a reload (SIGHUP) may come while this process was starting:
+    # they were held until now, when the schedule is loaded and the handlers are in place,
+    # rather than killing us
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
+
+
+def _nothing() -> None:
+    return None
 
 
 def _hand_off(fd: int | None, spool: Spool, scheduler: Scheduler) -> handoff.QueueWatch | None:
@@ -318,7 +354,7 @@ async def _serve(
     log = system_log()
     tls = _tls(config)
     users = _users(config)
-    live, setup, watcher = _current(config, hostname=hostname, source=source)
+    live, setup, watcher = _current(config, hostname=hostname, source=source, supervised=not alone)
 
     spool = Spool(config.spool_dir, shard=shard)
     if alone:
@@ -359,12 +395,7 @@ async def _serve(
     delivery = asyncio.create_task(scheduler.run())
     watching = asyncio.create_task(watcher.run()) if watcher is not None else None
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("flush", due=scheduler.flush()))
-    # `queue flush` (SIGUSR1) may come while this process was starting: it was held until
-    # now, when the schedule is loaded and the handler is in place, rather than killing us
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    _handle_signals(loop, stop=stop, scheduler=scheduler, watcher=watcher)
 
     log.info(
         "started",
@@ -393,7 +424,7 @@ async def _serve(
         for closing in (watch, http):
             if closing is not None:
                 closing.close()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for signum in (signal.SIGTERM, signal.SIGINT, *_HELD):
             loop.remove_signal_handler(signum)
         if alone:
             with contextlib.suppress(FileNotFoundError):

@@ -178,7 +178,7 @@ def _supervise(config: RelayConfig, count: int, source: reload.Source | None) ->
     # `queue flush` (SIGUSR1, forwarded to every worker) is held, in the supervisor and in the
     # workers that inherit the mask, until each has its handler: a flush right after the PID
     # file appears must not kill a worker still loading a long queue
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGHUP})  # SIGHUP: likewise
     children = {
         _fork_worker(config, listener, Shard(index, count), stats, source, watches): index
         for index in range(count)
@@ -287,7 +287,19 @@ async def _parent(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, workers.forward, signal.SIGUSR1)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # blocked before the fork
+    # SIGHUP (an administrator's, or a worker's that has just switched to a new relay.yaml):
+    # every worker looks at the file now, so all switch together
+    watching_file: list[reload.ConfigWatcher] = []
+
+    def look() -> None:
+        for watcher in watching_file:
+            watcher.check()
+        workers.forward(signal.SIGHUP)
+
+    loop.add_signal_handler(signal.SIGHUP, look)
+    signal.pthread_sigmask(
+        signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGHUP}
+    )  # held since the fork
     workers.reap()  # a worker may have died before the handler was in place
 
     gauges = _QueueGauges(spool)
@@ -296,16 +308,18 @@ async def _parent(
         return not workers.stopping and bool(workers.pids) and spool.probe_writable()
 
     # The workers switch to a new relay.yaml themselves; the supervisor follows the same
-    # file with the same checks only to say on /config and /readyz which one runs.
+    # file with the same checks to say on /config and /readyz which one runs, and, when it
+    # sees a new one first, has the workers look at once.
     watcher = None
     if source is not None:
         watcher = reload.ConfigWatcher(
             source[0],
             source[1],
             overrides=source[2],
-            on_config=lambda loaded: None,
+            on_config=lambda loaded: workers.forward(signal.SIGHUP),
             on_refused=lambda refused: None,
         )
+        watching_file.append(watcher)
     metrics_host, metrics_port = split_hostport(config.metrics_listen, 9090)
     http = await metrics.serve_http(
         metrics_host,

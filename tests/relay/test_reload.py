@@ -3,8 +3,11 @@ relay the way the kubelet delivers them (an atomic ``..data`` symlink swap)."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import os
+import signal
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -122,6 +125,59 @@ class TestConfigReload:
         wait_for(lambda: relay.events("config_refused"), what="config_refused")
         [refused] = relay.events("config_refused")
         assert refused["problems"] == ["listen: changes only with a restart"]
+
+
+def _spread(events: list[dict[str, Any]]) -> float:
+    """Seconds between the first and the last of ``events``."""
+    times = [datetime.datetime.fromisoformat(e["timestamp"]) for e in events]
+    return (max(times) - min(times)).total_seconds()
+
+
+class TestReloadTogether:
+    """The workers of one relay switch to a new relay.yaml within moments of each other (a
+    message must not be taken under the new settings by one worker and delivered under the
+    old by the next), and SIGHUP makes the relay look at the file at once."""
+
+    def _two_workers(self, start_relay: Start, tmp_path: Path) -> tuple[Relay, AtomicVolume]:
+        relay, volume = _start(start_relay, tmp_path, {"workers": 2})
+        wait_for(lambda: len(relay.events("started")) == 2, what="both workers started")
+        return relay, volume
+
+    def _switched_together(self, relay: Relay, new: str) -> None:
+        reloads = wait_for(
+            lambda: (
+                (found := [e for e in relay.events("config_reloaded") if e["hash"] == new])
+                and len(found) == 2
+                and found
+            ),
+            timeout=10,
+            what="config_reloaded from both workers",
+        )
+        assert len({e["pid"] for e in reloads}) == 2
+        assert _spread(reloads) < 0.4, reloads
+        assert relay.process is not None
+        assert relay.process.poll() is None
+
+    def test_a_worker_that_switches_has_the_other_switch_at_once(
+        self, start_relay: Start, tmp_path: Path
+    ) -> None:
+        """SIGHUP to one worker right after the file changed: it switches, and through the
+        supervisor so does the other, not at its own next poll up to a second later."""
+        relay, volume = self._two_workers(start_relay, tmp_path)
+        worker = next(e["pid"] for e in relay.events("started") if e["worker"] == 0)
+        new = _update(relay, volume, delivery={"queueTimer": "7m"})
+        os.kill(worker, signal.SIGHUP)
+        self._switched_together(relay, new)
+
+    def test_sighup_to_the_relay_reloads_every_worker_now(
+        self, start_relay: Start, tmp_path: Path
+    ) -> None:
+        """An administrator's `kill -HUP` to the relay's process: every worker looks now."""
+        relay, volume = self._two_workers(start_relay, tmp_path)
+        new = _update(relay, volume, delivery={"queueTimer": "9m"})
+        assert relay.process is not None
+        os.kill(relay.process.pid, signal.SIGHUP)
+        self._switched_together(relay, new)
 
 
 class _Login:
