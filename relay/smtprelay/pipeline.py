@@ -64,6 +64,9 @@ def quoted(address: str) -> str:
     return quote_address(address)
 
 
+OUT_OF_STEP = "4.5.0 the next hop sent more replies than it was sent commands"
+
+
 async def _next_reply(protocol: Protocol, timeout: float | None) -> SMTPResponse:
     """The batch's next reply: the one aiosmtplib parsed already, else the next one kept in
     the buffer, else the next to arrive."""
@@ -96,6 +99,13 @@ async def batch(
             for _ in lines:
                 replies.append(await _next_reply(protocol, timeout))
                 protocol.pending_batch -= 1
+            if protocol._buffer:
+                # More replies than commands: one of them could be taken for the answer to
+                # the message. Nothing more goes over this connection.
+                del protocol._buffer[:]
+                if protocol.transport is not None:
+                    protocol.transport.close()
+                raise aiosmtplib.SMTPResponseException(451, OUT_OF_STEP)
         finally:
             protocol.pending_batch = 0
     return replies

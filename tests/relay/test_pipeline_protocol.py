@@ -77,3 +77,25 @@ def test_a_flood_while_a_reply_waits_is_refused_not_kept() -> None:
     held, code = asyncio.run(run())
     assert held <= aiosmtplib.protocol.MAX_RESPONSE_LENGTH
     assert code == 500
+
+
+def test_more_replies_than_commands_end_the_connection() -> None:
+    """A hop that answers a batch of two with three replies is out of step (its extra reply
+    could be taken for the answer to the message): refused, and the connection closed."""
+
+    async def run() -> tuple[int, bool]:
+        protocol, peer = await _connected()
+        client = aiosmtplib.SMTP()
+        client.protocol = protocol
+        loop = asyncio.get_running_loop()
+        # the three replies come in at once, right after the batch is written
+        loop.call_soon(protocol.data_received, b"250 ok\r\n250 ok\r\n250 spare\r\n")
+        with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+            await pipeline.batch(
+                client, [b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>"], timeout=1
+            )
+        closing = protocol.transport is None or protocol.transport.is_closing()
+        peer.close()
+        return refused.value.code, closing
+
+    assert asyncio.run(run()) == (451, True)
