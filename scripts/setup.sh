@@ -35,6 +35,7 @@ has_podman() { command -v podman >/dev/null 2>&1; }
 has_runc() { [ -x /usr/sbin/runc ]; }
 has_cni() { [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ]; }
 has_iptables() { command -v iptables-save >/dev/null 2>&1 || [ -x /usr/sbin/iptables-save ]; }
+has_ip() { command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ]; }
 REQUIREMENTS=(
   # check                 packages                                       what for
   "has_dnsmasq            dnsmasq-base                                    DNS peer (MX/A records)"
@@ -49,6 +50,7 @@ REQUIREMENTS=(
   "has_runc               runc                                            podman and containerd (crun refuses hybrid cgroups)"
   "has_cni                containernetworking-plugins                     the real node's pod network (bridge)"
   "has_iptables           iptables                                        kube-proxy, the node's FORWARD fence"
+  "has_ip                 iproute2                                        the real node's bridge and addresses (ip)"
 )
 
 missing_packages() {
