@@ -45,6 +45,11 @@ fi
 
 root=$(mktemp -d /tmp/smtprelay-pristine.XXXXXX)
 mounts=()
+# The root is made a mount point of its own, so that each command can pivot_root into it in
+# a private mount namespace instead of chroot: the kernel refuses a chrooted process user
+# namespaces (the full-disk tests' unshare) and runc's pivot_root (the real node's pods).
+mount --bind "$root" "$root"
+mounts+=("$root")
 cleanup() {
   local i
   for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do umount -l "${mounts[$i]}" 2>/dev/null || true; done
@@ -78,7 +83,10 @@ echo "pristine: running make ${targets[*]} in $root" >&2
 status=0
 for target in "${targets[@]}"; do
   start=$SECONDS
-  chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb \
+  unshare --mount --propagation private --fork /bin/bash -c \
+    'cd "$1" && mkdir -p .old-root && pivot_root . .old-root && cd / &&
+     umount -l /.old-root && rmdir /.old-root && shift && exec "$@"' _ "$root" \
+    /usr/bin/env -i HOME=/root TERM=dumb \
     PATH=/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     GOTOOLCHAIN=local GOPROXY="$(go env GOPROXY 2>/dev/null || echo https://proxy.golang.org)" \
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
