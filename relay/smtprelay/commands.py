@@ -8,6 +8,7 @@ lacks cannot go there), and the command lines for a pipelined transaction
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -25,8 +26,26 @@ class Carried:
     recipients: Mapping[str, RecipientOptions] = field(default_factory=dict)
 
 
+_PARAMETER = re.compile(r"[!-~]+")  # an esmtp-value: printable ASCII, no space (RFC 5321)
+
+
+def _checked(parameter: str) -> str:
+    """``parameter`` if it cannot end the command line or start another; the values come
+    from the spool file, which may have been edited or damaged: ValueError otherwise."""
+    if not _PARAMETER.fullmatch(parameter):
+        raise ValueError(f"stored parameter {parameter[:40]!r} is not printable ASCII")
+    return parameter
+
+
 def mail_parameters(client: aiosmtplib.SMTP, carried: Carried) -> list[str] | str:
     """MAIL FROM parameters for this hop, or why the message cannot go to it."""
+    try:
+        return _mail_parameters(client, carried)
+    except ValueError as error:
+        return f"554 5.6.0 {error}"
+
+
+def _mail_parameters(client: aiosmtplib.SMTP, carried: Carried) -> list[str] | str:
     options = carried.options
     parameters: list[str] = []
     if options.smtputf8:
@@ -39,17 +58,19 @@ def mail_parameters(client: aiosmtplib.SMTP, carried: Carried) -> list[str] | st
         parameters.append("BODY=8BITMIME")
     if client.supports_extension("dsn"):
         if options.ret:
-            parameters.append(f"RET={options.ret}")
+            parameters.append(_checked(f"RET={options.ret}"))
         if options.envid:
-            parameters.append(f"ENVID={options.envid}")
+            parameters.append(_checked(f"ENVID={options.envid}"))
     return parameters
 
 
 def rcpt_parameters(client: aiosmtplib.SMTP, options: RecipientOptions) -> list[str]:
+    """RCPT TO parameters for this hop; ValueError for a damaged stored one."""
     if not client.supports_extension("dsn"):
         return []
     parameters = [f"NOTIFY={','.join(options.notify)}"] if options.notify else []
-    return parameters + ([f"ORCPT={options.orcpt}"] if options.orcpt else [])
+    parameters += [f"ORCPT={options.orcpt}"] if options.orcpt else []
+    return [_checked(parameter) for parameter in parameters]
 
 
 def command_line(verb: bytes, address: str, parameters: list[str], encoding: str) -> bytes:
