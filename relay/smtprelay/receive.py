@@ -34,6 +34,7 @@ from smtprelay.esmtp import (
     recipient_options,
     utf8_problem,
 )
+from smtprelay.linger import LingeringClose
 from smtprelay.logs import debug_enabled, mail_log, system_log
 from smtprelay.metrics import METRICS
 from smtprelay.spool import Draft, Spool
@@ -127,7 +128,7 @@ class _Unchecked:
     credentials: LoginPassword
 
 
-class RelaySMTP(StreamingData, EsmtpParameters, SMTP):
+class RelaySMTP(LingeringClose, StreamingData, EsmtpParameters, SMTP):
     """aiosmtpd's protocol, with what a production front door adds to it.
 
     RFC 3463 status codes on its stock size and line replies; DSN, SMTPUTF8 and BODY
@@ -192,6 +193,8 @@ class RelaySMTP(StreamingData, EsmtpParameters, SMTP):
         return call
 
     async def push(self, status: str) -> None:  # type: ignore[override]
+        if self._lingering:
+            return  # hung up: the last reply is out, nothing more is said
         status = _ENHANCED.get(status, status)
         # AUTH challenges come as bytes, base64 already; replies echo what the client sent
         if isinstance(status, str) and not (status.isascii() and status.isprintable()):
@@ -223,9 +226,16 @@ class RelaySMTP(StreamingData, EsmtpParameters, SMTP):
         return self.envelope is not None and self.envelope.mail_from is not None
 
     def _hang_up(self, reply: str) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and not self.transport.is_closing() and not self._lingering:
             self._writer.write(reply.encode() + b"\r\n")
-            self.transport.close()  # flushes the reply first
+            self.linger()  # not close(): unread input would turn the FIN into an RST
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        if arg:
+            await self.push("501 Syntax: QUIT")
+            return
+        await self.push("221 2.0.0 Bye")
+        self.linger()  # aiosmtpd closes at once, resetting a client that pipelined past QUIT
 
     def shut_down(self) -> None:
         """Take no more mail: an idle session is told 421 and closed now; one in the middle

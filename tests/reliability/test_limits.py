@@ -45,6 +45,58 @@ class TestErrors:
         assert len(relay.events("refused")) == 20
 
 
+def _read_to_the_end(sock: socket.socket) -> tuple[bytes, bool]:
+    """Everything the relay sent, and whether the connection ended in a reset, not a FIN."""
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received, True
+        if not chunk:
+            return received, False
+        received += chunk
+
+
+def _two_welcome(port: int) -> bool:
+    with Wire(port) as wire, Wire(port) as again:
+        return wire.greeting.startswith(b"220") and again.greeting.startswith(b"220")
+
+
+def _last_reply(received: bytes) -> bytes:
+    return received.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
+
+
+class TestHangUp:
+    """A hang-up with input still coming is a lingering close: the reply, then FIN, never RST."""
+
+    def test_a_client_still_sending_reads_the_421_and_a_clean_end(self, start_relay: Start) -> None:
+        """20 bad lines, then 2-4 MB more: the 421 arrives every time and the close is a FIN."""
+        relay: Relay = start_relay({"limits": {"sessionsPerClient": 2}})
+        for n in range(12):
+            payload = b"X bogus\r\n" * 20 + (b"X-Big: " + b"h" * 900 + b"\r\n") * (2000 + 150 * n)
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as sock:
+                sock.sendall(payload)  # all of it: the relay reads on after its 421
+                sock.sendall(b"NOOP\r\n")  # served no longer
+                received, reset = _read_to_the_end(sock)
+            assert not reset, f"session {n}: reset after {received[-120:]!r}"
+            assert _last_reply(received).startswith(b"421 4.7.0 Too many errors"), received[-200:]
+            assert received.count(b"\r\n") == 22  # greeting, 20 refusals, 421: nothing after
+        # each hung-up session left when its client closed: a third one is still welcome
+        assert wait_for(lambda: _two_welcome(relay.port), what="the hung-up sessions to leave")
+
+    def test_quit_with_more_pipelined_behind_it_gets_its_221(self, start_relay: Start) -> None:
+        """What a client pipelines past QUIT is discarded unread, and does not reset the 221."""
+        relay: Relay = start_relay({})
+        for n in range(12):
+            behind = b"NOOP\r\n" * (100_000 + 20_000 * n)
+            with socket.create_connection(("127.0.0.1", relay.port), timeout=20) as sock:
+                sock.sendall(b"EHLO client.test\r\nQUIT\r\n" + behind)
+                received, reset = _read_to_the_end(sock)
+            assert not reset, f"session {n}: reset after {received[-120:]!r}"
+            assert _last_reply(received) == b"221 2.0.0 Bye", received[-200:]
+
+
 class TestSessions:
     def test_sessions_per_client_and_in_total_are_bounded(self, start_relay: Start) -> None:
         """The third session from one address gets 421; so does the fourth in total."""
