@@ -13,7 +13,6 @@ the client's to retry, and an attempt cut off is tried again after the restart.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import os
 import signal
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from smtprelay import current, handoff, logs, reload
+from smtprelay.admission import SessionCounts
 from smtprelay.auth import FailureLimiter, Users, UsersFileError
 from smtprelay.config import Limits, RelayConfig, split_hostport
 from smtprelay.logs import system_log
@@ -39,40 +39,33 @@ DELIVERY_GRACE = 20.0
 TERMINATION_GRACE = 30.0  # the operator's terminationGracePeriodSeconds
 
 
-SESSIONS_FULL = "421 4.3.2 Too many sessions, try again later"
-CLIENT_FULL = "421 4.7.0 Too many sessions from your address, try again later"
-
 # Held from the start until their handlers are in place: their default action ends the
 # process. SIGUSR1 is `queue flush`; SIGHUP says "look at relay.yaml now".
 _HELD = {signal.SIGUSR1, signal.SIGHUP}
 
 
 class _Sessions:
-    """The SMTP sessions open now, so shutdown can tell them and wait for them, and
-    ``limits.sessions`` / ``limits.sessionsPerClient`` can bound them."""
+    """This process's open SMTP sessions, so shutdown can tell them and wait for them; the
+    counts that bound them (``limits.sessions`` / ``limits.sessionsPerClient``, read from
+    the current settings) are the relay's, shared with the other workers."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, counts: SessionCounts, limits: Callable[[], Limits]) -> None:
         self.open: set[RelaySMTP] = set()
-        self.limits = limits or Limits()
-        self._per_client: collections.Counter[str] = collections.Counter()
+        self._counts = counts
+        self._limits = limits
 
     def admit(self, session: RelaySMTP, client: str) -> str | None:
         """Take ``session`` in, or return the 421 it gets instead."""
-        if len(self.open) >= self.limits.sessions:
-            return SESSIONS_FULL
-        if self._per_client[client] >= self.limits.sessions_per_client:
-            return CLIENT_FULL
-        self.open.add(session)
-        self._per_client[client] += 1
-        return None
+        refusal = self._counts.admit(client, self._limits())
+        if refusal is None:
+            self.open.add(session)
+        return refusal
 
     def leave(self, session: RelaySMTP, client: str) -> bool:
         if session not in self.open:
             return False
         self.open.discard(session)
-        self._per_client[client] -= 1
-        if self._per_client[client] <= 0:
-            del self._per_client[client]
+        self._counts.leave(client)
         return True
 
 
@@ -162,6 +155,7 @@ async def run(
     shard: Shard | None = None,
     source: reload.Source | None = None,
     handoff_fd: int | None = None,
+    counts: SessionCounts | None = None,
 ) -> None:
     """Serve until ``stop`` is set (by SIGTERM/SIGINT when not given).
 
@@ -169,7 +163,8 @@ async def run(
     several workers (``listener`` and ``shard`` given by the supervisor in workers.py) it
     accepts on the shared socket and schedules only its shard of the spool; with
     ``handoff_fd`` (its inotify descriptor on the queue directory) it gives what it accepts
-    to the next worker and schedules what the previous one gives it.
+    to the next worker and schedules what the previous one gives it. ``counts``: the
+    session counts shared by every worker (made by the supervisor before forking).
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)  # until _serve's handlers are in
     loop = asyncio.get_running_loop()
@@ -193,6 +188,7 @@ async def run(
             shard=shard,
             source=source,
             handoff_fd=handoff_fd,
+            counts=counts,
         )
     except StartError as error:
         log.error("start_failed", error=str(error))
@@ -348,6 +344,7 @@ async def _serve(
     shard: Shard | None,
     source: reload.Source | None,
     handoff_fd: int | None = None,
+    counts: SessionCounts | None = None,
 ) -> None:
     alone = listener is None
     loop = asyncio.get_running_loop()
@@ -365,7 +362,7 @@ async def _serve(
     recovered = scheduler.load()
     spool.subscribe(scheduler.notify)
 
-    sessions = _Sessions(config.limits)
+    sessions = _Sessions(counts or SessionCounts(), lambda: live.current().limits)
     server = await _listen(
         config,
         listener,

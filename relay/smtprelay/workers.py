@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry, Gauge
 
 from smtprelay import current, handoff, logs, metrics, reload, service
+from smtprelay.admission import SessionCounts
 from smtprelay.config import RelayConfig, split_hostport
 from smtprelay.logs import system_log
 from smtprelay.spool import PID_FILE, Shard, Spool, SpoolInUse, oldest_age
@@ -131,6 +132,7 @@ def _fork_worker(
     stats: Path,
     source: reload.Source | None,
     watches: list[int] | None,
+    counts: SessionCounts,
 ) -> int:
     parent = os.getpid()
     pid = os.fork()
@@ -148,7 +150,14 @@ def _fork_worker(
                 if other != watch:
                     os.close(other)
         run_loop(
-            service.run(config, listener=listener, shard=shard, source=source, handoff_fd=watch)
+            service.run(
+                config,
+                listener=listener,
+                shard=shard,
+                source=source,
+                handoff_fd=watch,
+                counts=counts,
+            )
         )
         code = 0
     except service.StartError:
@@ -169,6 +178,7 @@ def _supervise(config: RelayConfig, count: int, source: reload.Source | None) ->
     spool.remove_orphans()
     stats = Path(tempfile.mkdtemp(prefix="smtprelay-metrics-"))
     watches = handoff.open_watches(spool.queue_dir, count)
+    counts = SessionCounts()  # limits.sessions and sessionsPerClient are the relay's
     # What the workers inherit stays shared with the supervisor only while nobody writes to
     # its pages: a collection in a worker writes the GC header of every object it examines,
     # copying each page it touches (tens of MiB, sooner the more mail flows). Frozen objects
@@ -180,7 +190,7 @@ def _supervise(config: RelayConfig, count: int, source: reload.Source | None) ->
     # file appears must not kill a worker still loading a long queue
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGHUP})  # SIGHUP: likewise
     children = {
-        _fork_worker(config, listener, Shard(index, count), stats, source, watches): index
+        _fork_worker(config, listener, Shard(index, count), stats, source, watches, counts): index
         for index in range(count)
     }
     for fd in watches or ():

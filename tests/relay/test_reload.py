@@ -19,6 +19,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from tests.peers import Certificates, Relay, Sink, wait_for
 from tests.podsim import AtomicVolume
 from tests.relay.mail import Sender, send
+from tests.reliability.wire import Wire
 
 Start = Callable[..., Any]
 
@@ -125,6 +126,27 @@ class TestConfigReload:
         wait_for(lambda: relay.events("config_refused"), what="config_refused")
         [refused] = relay.events("config_refused")
         assert refused["problems"] == ["listen: changes only with a restart"]
+
+
+class TestLimitsReload:
+    def test_new_session_limits_apply_to_the_next_connection(
+        self, start_relay: Start, tmp_path: Path
+    ) -> None:
+        """limits.sessionsPerClient raised from 1 to 3 in relay.yaml: the running relay
+        admits three sessions from one address, without a restart."""
+        relay, volume = _start(start_relay, tmp_path, {"limits": {"sessionsPerClient": 1}})
+        with Wire(relay.port) as first, Wire(relay.port) as second:
+            assert first.greeting.startswith(b"220")
+            assert second.greeting.startswith(b"421 4.7.0")
+        _update(relay, volume, limits={"sessionsPerClient": 3})
+        wait_for(lambda: relay.events("config_reloaded"), what="config_reloaded")
+        wires = [Wire(relay.port) for _ in range(4)]
+        try:
+            greetings = [wire.greeting[:3] for wire in wires]
+        finally:
+            for wire in wires:
+                wire.close()
+        assert greetings == [b"220", b"220", b"220", b"421"]
 
 
 def _spread(events: list[dict[str, Any]]) -> float:

@@ -58,9 +58,14 @@ def _read_to_the_end(sock: socket.socket) -> tuple[bytes, bool]:
         received += chunk
 
 
-def _two_welcome(port: int) -> bool:
-    with Wire(port) as wire, Wire(port) as again:
-        return wire.greeting.startswith(b"220") and again.greeting.startswith(b"220")
+def _welcome(port: int, *sources: str) -> bool:
+    """Whether sessions from ``sources``, open at once, are all greeted with 220."""
+    wires = [Wire(port, source=source) for source in sources]
+    try:
+        return all(wire.greeting.startswith(b"220") for wire in wires)
+    finally:
+        for wire in wires:
+            wire.close()
 
 
 def _last_reply(received: bytes) -> bytes:
@@ -83,7 +88,10 @@ class TestHangUp:
             assert _last_reply(received).startswith(b"421 4.7.0 Too many errors"), received[-200:]
             assert received.count(b"\r\n") == 22  # greeting, 20 refusals, 421: nothing after
         # each hung-up session left when its client closed: a third one is still welcome
-        assert wait_for(lambda: _two_welcome(relay.port), what="the hung-up sessions to leave")
+        assert wait_for(
+            lambda: _welcome(relay.port, "127.0.0.1", "127.0.0.1"),
+            what="the hung-up sessions to leave",
+        )
 
     def test_quit_with_more_pipelined_behind_it_gets_its_221(self, start_relay: Start) -> None:
         """What a client pipelines past QUIT is discarded unread, and does not reset the 221."""
@@ -113,6 +121,31 @@ class TestSessions:
         first.close()
         wait_for(lambda: Wire(relay.port).greeting.startswith(b"220"), what="a freed session slot")
         second.close()
+
+    def test_the_limits_are_the_relays_not_each_workers(self, start_relay: Start) -> None:
+        """With two workers accepting on one socket, sessionsPerClient 2 still admits two
+        sessions from one address, and sessions 3 three in all, whichever worker takes each."""
+        relay: Relay = start_relay(
+            {"workers": 2, "limits": {"sessions": 3, "sessionsPerClient": 2}}
+        )
+        wait_for(lambda: len(relay.events("started")) == 2, what="both workers started")
+        mine = [Wire(relay.port) for _ in range(8)]
+        others = [Wire(relay.port, source="127.0.0.2") for _ in range(4)]
+        try:
+            greetings = [wire.greeting[:9] for wire in mine]
+            assert greetings.count(b"220 relay") == 2, greetings
+            assert greetings.count(b"421 4.7.0") == 6, greetings
+            greetings = [wire.greeting[:9] for wire in others]
+            assert greetings.count(b"220 relay") == 1, greetings
+            assert greetings.count(b"421 4.3.2") == 3, greetings
+        finally:
+            for wire in mine + others:
+                wire.close()
+        # every slot comes back once its session ends
+        assert wait_for(
+            lambda: _welcome(relay.port, "127.0.0.1", "127.0.0.1", "127.0.0.2"),
+            what="the freed session slots",
+        )
 
 
 class TestTimeouts:
