@@ -61,7 +61,7 @@ def path_of(api_version: str, kind: str, *, namespace: str, name: str) -> str:
 
 
 class Kube:
-    """Server-side apply, get and status writes for the operator's handful of kinds."""
+    """Server-side apply, get, delete and status writes for the operator's handful of kinds."""
 
     def __init__(
         self,
@@ -125,6 +125,21 @@ class Kube:
             if error.status == NOT_FOUND:
                 return None
             raise
+
+    def delete(self, api_version: str, kind: str, *, namespace: str, name: str, uid: str) -> bool:
+        """Delete the object if it is still the one with ``uid`` (a precondition the API
+        server checks); False when it is gone already or is another object now."""
+        try:
+            self._request(
+                "DELETE",
+                path_of(api_version, kind, namespace=namespace, name=name),
+                body={"preconditions": {"uid": uid}, "propagationPolicy": "Background"},
+            )
+        except ApiException as error:
+            if error.status in (NOT_FOUND, CONFLICT):
+                return False
+            raise
+        return True
 
     def replace_status(self, relay: Mapping[str, Any], status: Mapping[str, Any]) -> Object:
         """Write an SmtpRelay's status, failing with 409 if it changed since it was read."""

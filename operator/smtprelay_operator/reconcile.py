@@ -24,7 +24,7 @@ import yaml
 from kubernetes.client import ApiException
 from smtprelay.config import ConfigError, parse_config
 
-from smtprelay_operator import api, policy, relayconfig, render, status
+from smtprelay_operator import api, policy, pruning, relayconfig, render, status
 from smtprelay_operator.applying import Applying, apply_stages
 from smtprelay_operator.children import Children
 from smtprelay_operator.events import Involved, Recorder
@@ -235,6 +235,8 @@ def reconcile(
     if urgent and changed and applying.sent and not applying.failures:
         return DEFERRED
     apply_stages(ctx, rendered.other_stages(), involved, caught_up=caught_up, into=applying)
+    if changed and known:  # applied before: what its old spec asked for may be unwanted now
+        pruning.remove_unwanted(ctx.kube, relay, rendered.monitoring)
     failures, deployment = applying.failures, applying.deployment
     if not applying.config_failed:
         applied_hash = rendered.config_hash

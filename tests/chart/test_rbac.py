@@ -26,8 +26,8 @@ NAMESPACED_RIGHTS = {
     ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("", "events"): {"create", "get", "patch"},
     ("", "secrets"): {"get"},
-    ("monitoring.coreos.com", "podmonitors"): {"create", "patch"},
-    ("monitoring.coreos.com", "prometheusrules"): {"create", "patch"},
+    ("monitoring.coreos.com", "podmonitors"): {"create", "get", "patch", "delete"},
+    ("monitoring.coreos.com", "prometheusrules"): {"create", "get", "patch", "delete"},
 }
 CLUSTER_RIGHTS = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 # kopf follows namespaces only when it serves a list of them (not cluster-wide).
@@ -75,15 +75,20 @@ class TestRules:
 
     def test_secrets_get_only_and_no_deletes(self) -> None:
         """Secrets: get only (the labels of a named one, as metadata), never list or watch;
-        the operator deletes nothing (the GC removes children)."""
+        the operator deletes nothing (the GC removes children) but the PodMonitor and
+        PrometheusRule an SmtpRelay stops asking for, and never a collection."""
         for values in RENDERINGS.values():
             for _, rule in chart.rules(chart.render(values)):
                 if "secrets" in rule["resources"]:
                     assert rule["resources"] == ["secrets"]
                     assert rule["verbs"] == ["get"]
-                assert not {"delete", "deletecollection", "update"} & set(rule["verbs"]) or (
+                assert not {"deletecollection", "update"} & set(rule["verbs"]) or (
                     rule["resources"] == ["smtprelays/finalizers"]
                 )
+                assert "delete" not in rule["verbs"] or rule["resources"] == [
+                    "podmonitors",
+                    "prometheusrules",
+                ]
 
     def test_every_rule_is_explained(self) -> None:
         """Each rule in the template carries a comment saying which code path needs it."""

@@ -47,7 +47,7 @@ OPERATOR_RULES: list[dict[str, Any]] = [
     {
         "apiGroups": ["monitoring.coreos.com"],
         "resources": ["podmonitors", "prometheusrules"],
-        "verbs": ["create", "patch"],
+        "verbs": ["create", "get", "patch", "delete"],
     },
     # kopf discovers resources and namespaces by watching them.
     {

@@ -40,9 +40,11 @@ Code paths are in operator/smtprelay_operator/ (handlers.py, kube.py) and kopf 1
   verbs: ["create", "get", "patch"]
 # The PodMonitor and PrometheusRule an SmtpRelay's spec.monitoring asks for (server-side
 # apply, render/monitoring.py). Not watched: drift in them is repaired at each resync.
+# get and delete: when a spec change stops asking for one, the operator removes it if the
+# SmtpRelay owns it (pruning.py; the owner's uid is checked, and is a delete precondition).
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors", "prometheusrules"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "get", "patch", "delete"]
 # reconcile._refusal reads the labels of each Secret an SmtpRelay names (Kube.secret_labels),
 # to use only those labelled smtprelay.dev/use=true. Only get (no list, no watch: it never
 # enumerates Secrets), and asked for as PartialObjectMetadata, so the API server sends the
