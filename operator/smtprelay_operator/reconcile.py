@@ -229,8 +229,9 @@ def reconcile(
         return _fail(ctx, relay, involved, generation, applied_hash, failure, settled=settled)
 
     changed = not caught_up or known.get("configHash") != rendered.config_hash
+    first = not known and generation == 1 and not _deployment_known(ctx, namespace, name)
     applying = apply_stages(
-        ctx, rendered.pod_stages(), involved, caught_up=caught_up, into=Applying()
+        ctx, rendered.pod_stages(first=first), involved, caught_up=caught_up, into=Applying()
     )
     if urgent and changed and applying.sent and not applying.failures:
         return DEFERRED
@@ -278,6 +279,12 @@ def reconcile(
     if written is not None and _waiting_for_relay(written):
         return CONFIG_POLL  # look again soon: nothing else will say when the relay switched
     return True
+
+
+def _deployment_known(ctx: Context, namespace: str, name: str) -> bool:
+    """Whether the watch or an apply has ever mentioned this SmtpRelay's Deployment."""
+    known, state = ctx.children.before_apply(("Deployment", namespace, name))
+    return known and state is not None
 
 
 CONFIG_POLL = 5.0

@@ -95,10 +95,16 @@ class Rendered:
         prometheus-operator holds nothing back."""
         return tuple(obj for stage in (*self.pod_stages(), *self.other_stages()) for obj in stage)
 
-    def pod_stages(self) -> tuple[tuple[Object, ...], ...]:
+    def pod_stages(self, *, first: bool = False) -> tuple[tuple[Object, ...], ...]:
         """What the relay pod needs to start, stage by stage (a stage's objects may be
         applied side by side): what it mounts (its relay.yaml and its spool claim,
-        without which it cannot be scheduled), then its Deployment."""
+        without which it cannot be scheduled), then its Deployment.
+
+        ``first``: nothing of this SmtpRelay was applied before, so no pod can roll onto
+        a relay.yaml that is not in place (a new pod waits for its ConfigMap to mount),
+        and the three go side by side, one API round trip sooner."""
+        if first:
+            return ((self.config_map, self.pvc, self.deployment),)
         return ((self.config_map, self.pvc), (self.deployment,))
 
     def other_stages(self) -> tuple[tuple[Object, ...], ...]:

@@ -435,6 +435,22 @@ class TestMonitoring:
             "Service",
         ]
 
+    def test_a_first_apply_sends_the_pod_objects_side_by_side(self) -> None:
+        """Nothing applied before: ConfigMap, PVC and Deployment in one stage. After that,
+        the Deployment waits for its ConfigMap (a pod never rolls onto a missing relay.yaml)."""
+        rendered = make()
+        [first] = rendered.pod_stages(first=True)
+        assert [obj["kind"] for obj in first] == [
+            "ConfigMap",
+            "PersistentVolumeClaim",
+            "Deployment",
+        ]
+        stages = rendered.pod_stages()
+        assert [[obj["kind"] for obj in stage] for stage in stages] == [
+            ["ConfigMap", "PersistentVolumeClaim"],
+            ["Deployment"],
+        ]
+
     def test_monitoring_is_applied_after_the_deployment(self) -> None:
         """A cluster without prometheus-operator's CRDs holds back nothing else."""
         rendered = make({"monitoring": {"podMonitor": True, "prometheusRule": True}})
