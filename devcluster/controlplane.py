@@ -409,6 +409,9 @@ def _start(launcher: Launcher, *, address: str, kwok: bool) -> ControlPlane:
             f"--secure-port={kcm_port}",
             f"--cert-dir={run_dir / 'kcm'}",
             "--controllers=*",
+            # as kubeadm runs it: each controller with its own ServiceAccount, client and
+            # rate limit (20 requests/s), not all of them behind one shared limit
+            "--use-service-account-credentials=true",
             f"--service-account-private-key-file={certs.service_account_key}",
             f"--root-ca-file={certs.ca.cert}",
             f"--cluster-signing-cert-file={certs.ca.cert}",
