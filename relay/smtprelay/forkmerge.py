@@ -19,6 +19,8 @@ from __future__ import annotations
 import fcntl
 import os
 
+from smtprelay.cpus import available_cpus
+
 TYPE_CHECKING = False  # typing itself costs `queue list` ~5 ms of start-up
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator, Iterator, Sequence
@@ -32,11 +34,8 @@ _PIPE = 1 << 20  # the child may run this far ahead of the parent's writes
 
 
 def processors() -> int:
-    """How many processors this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    """How many processors this process may use (its container's CPU limit included)."""
+    return available_cpus()
 
 
 def ordered(

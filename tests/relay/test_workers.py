@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from smtprelay import workers
+from smtprelay import cpus
 from smtprelay.spool import Shard
 
 from tests.peers import Relay, Sink, Zone, wait_for
@@ -55,14 +55,14 @@ class TestCpuLimit:
     def test_cgroup_v2_quota(self, tmp_path: Path) -> None:
         """cpu.max "150000 100000" (limits.cpu 1500m) is 1.5 CPUs, 2 workers at most."""
         root = _cgroup(tmp_path, {"cpu.max": "150000 100000\n"})
-        assert workers.cgroup_cpu_limit(root) == 1.5
-        assert workers.available_cpus(root) == min(2, len(os.sched_getaffinity(0)))
+        assert cpus.cgroup_cpu_limit(root) == 1.5
+        assert cpus.available_cpus(root) == min(2, len(os.sched_getaffinity(0)))
 
     def test_cgroup_v2_unlimited(self, tmp_path: Path) -> None:
         """cpu.max "max 100000": no limit, every CPU the process may run on."""
         root = _cgroup(tmp_path, {"cpu.max": "max 100000\n"})
-        assert workers.cgroup_cpu_limit(root) is None
-        assert workers.available_cpus(root) == len(os.sched_getaffinity(0))
+        assert cpus.cgroup_cpu_limit(root) is None
+        assert cpus.available_cpus(root) == len(os.sched_getaffinity(0))
 
     def test_cgroup_v1_quota(self, tmp_path: Path) -> None:
         """cfs_quota_us 50000 / cfs_period_us 100000 (limits.cpu 500m): one worker."""
@@ -73,21 +73,21 @@ class TestCpuLimit:
                 "cpu,cpuacct/cpu.cfs_period_us": "100000\n",
             },
         )
-        assert workers.cgroup_cpu_limit(root) == 0.5
-        assert workers.available_cpus(root) == 1
+        assert cpus.cgroup_cpu_limit(root) == 0.5
+        assert cpus.available_cpus(root) == 1
 
     def test_cgroup_v1_unlimited(self, tmp_path: Path) -> None:
         """cfs_quota_us -1: no limit."""
         root = _cgroup(
             tmp_path, {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}
         )
-        assert workers.cgroup_cpu_limit(root) is None
+        assert cpus.cgroup_cpu_limit(root) is None
 
     def test_this_machine(self) -> None:
         """The real /sys/fs/cgroup is read without error (unlimited here, or a real limit)."""
-        limit = workers.cgroup_cpu_limit()
+        limit = cpus.cgroup_cpu_limit()
         assert limit is None or limit > 0
-        assert 1 <= workers.available_cpus() <= len(os.sched_getaffinity(0))
+        assert 1 <= cpus.available_cpus() <= len(os.sched_getaffinity(0))
 
 
 class TestShard:
