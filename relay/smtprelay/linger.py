@@ -28,6 +28,7 @@ class LingeringClose:
     _lingering = False
     _last_input = 0.0
     _linger_until = 0.0
+    _quiet_check: asyncio.TimerHandle | None = None
 
     def linger(self) -> None:
         """The reply is written: stop serving, and close once the client is done sending."""
@@ -41,7 +42,7 @@ class LingeringClose:
         if transport.can_write_eof():  # plain TCP: FIN after the reply; TLS cannot half-close
             transport.write_eof()
         transport.resume_reading()  # the reader may have paused it; what comes is discarded
-        self.loop.call_at(now + QUIET, self._close_when_quiet)
+        self._quiet_check = self.loop.call_at(now + QUIET, self._close_when_quiet)
 
     def _close_when_quiet(self) -> None:
         transport = self.transport
@@ -51,13 +52,21 @@ class LingeringClose:
         if now >= self._linger_until or now - self._last_input >= QUIET:
             transport.close()
             return
-        self.loop.call_at(min(self._last_input + QUIET, self._linger_until), self._close_when_quiet)
+        self._quiet_check = self.loop.call_at(
+            min(self._last_input + QUIET, self._linger_until), self._close_when_quiet
+        )
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             self._last_input = self.loop.time()
             return
         super().data_received(data)  # type: ignore[misc]
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._quiet_check is not None:
+            self._quiet_check.cancel()  # the pending check would keep the session alive
+            self._quiet_check = None
+        super().connection_lost(error)  # type: ignore[misc]
 
     def eof_received(self) -> bool | None:
         if self._lingering:
