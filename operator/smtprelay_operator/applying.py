@@ -6,8 +6,8 @@ other, so with a ``side`` executor they are applied at the same time (the first 
 calling thread); a stage starts when the one before it is done. The Deployment is applied
 only if the ConfigMap went through: a pod must never roll onto a hash whose relay.yaml is
 not in place. (On an SmtpRelay's first apply there is no pod to roll and the three go in
-one stage: a new pod waits for its ConfigMap to mount.) A child the operator applied just so and nobody has touched since is left
-alone.
+one stage: a new pod waits for its ConfigMap to mount.) A child the operator applied just
+so and nobody has touched since is left alone.
 """
 
 from __future__ import annotations

@@ -76,9 +76,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         settings.scanning.disabled = True
     workers = getattr(memo, "workers", DEFAULT_WORKERS)
     resync = getattr(memo, "resync", DEFAULT_RESYNC)
-    # A connection for each worker and for each apply alongside a worker's (`applying`).
-    kube = getattr(memo, "kube", None) or Kube(load_api_client(connections=2 * workers + 2))
-    memo.side = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="apply")
+    # A connection for each worker and for each apply alongside a worker's (`applying`: up
+    # to two, as a first apply sends ConfigMap, PVC and Deployment side by side).
+    kube = getattr(memo, "kube", None) or Kube(load_api_client(connections=3 * workers + 2))
+    memo.side = ThreadPoolExecutor(max_workers=2 * workers, thread_name_prefix="apply")
     memo.context = reconcile.Context(
         side=memo.side,
         kube=kube,

@@ -19,8 +19,6 @@ from __future__ import annotations
 import fcntl
 import os
 
-from smtprelay.cpus import available_cpus
-
 TYPE_CHECKING = False  # typing itself costs `queue list` ~5 ms of start-up
 if TYPE_CHECKING:
     from collections.abc import Callable, Generator, Iterator, Sequence
@@ -35,6 +33,8 @@ _PIPE = 1 << 20  # the child may run this far ahead of the parent's writes
 
 def processors() -> int:
     """How many processors this process may use (its container's CPU limit included)."""
+    from smtprelay.cpus import available_cpus  # only a large queue forks: no cost otherwise
+
     return available_cpus()
 
 
