@@ -49,14 +49,11 @@ def remove_unwanted(
     for kind in unwanted(rendered):
         try:
             found = kube.get(monitoring.API_VERSION, kind, namespace=namespace, name=name)
-            if found is None or not owned_by(found, uid):
-                continue
+            own_uid = (found.get("metadata") or {}).get("uid") if found is not None else None
+            if found is None or not own_uid or not owned_by(found, uid):
+                continue  # not there, not whole, or not ours: nothing of ours to remove
             if kube.delete(
-                monitoring.API_VERSION,
-                kind,
-                namespace=namespace,
-                name=name,
-                uid=str(found["metadata"]["uid"]),
+                monitoring.API_VERSION, kind, namespace=namespace, name=name, uid=str(own_uid)
             ):
                 deleted.append(kind)
                 _log.info("%s/%s: deleted %s %s (spec.monitoring)", namespace, name, kind, name)

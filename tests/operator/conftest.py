@@ -8,14 +8,25 @@ disturbing others.
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from smtprelay_operator import api
+from smtprelay_operator import api, reconcile, render
+from smtprelay_operator.events import Recorder
+from smtprelay_operator.kube import Kube
 
 from tests.cluster.controlplane import ControlPlane
-from tests.operator.support import CRD_FILE, Cluster, Operator, running_operator, wait_for
+from tests.operator.support import (
+    CRD_FILE,
+    TEST_IMAGE,
+    Cluster,
+    Operator,
+    running_operator,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +62,17 @@ def operator(control_plane: ControlPlane, cluster: Cluster, tmp_path: Path) -> I
     """The operator, running as cluster admin, watching only this test's namespace."""
     with running_operator(Operator(control_plane, cluster.namespace, tmp_path)) as running:
         yield running
+
+
+@pytest.fixture
+def context(control_plane: ControlPlane) -> Iterator[reconcile.Context]:
+    """A reconcile context as the operator makes it (a stage's objects applied side by
+    side), for tests that run reconciles in this process against the real control plane."""
+    with control_plane.api_client() as api_client, ThreadPoolExecutor(2) as side:
+        kube = Kube(api_client)
+        yield reconcile.Context(
+            kube=kube,
+            recorder=Recorder(kube, component=api.FIELD_MANAGER, instance=socket.gethostname()),
+            defaults=render.OperatorDefaults(relay_image=TEST_IMAGE),
+            side=side,
+        )

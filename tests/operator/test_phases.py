@@ -6,35 +6,15 @@ each pass is one call and what it left is read back from the API server.
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
-from smtprelay_operator import api, reconcile, render
-from smtprelay_operator.events import Recorder
-from smtprelay_operator.kube import Kube
+from smtprelay_operator import reconcile
 
-from tests.cluster.controlplane import ControlPlane
-from tests.operator.support import TEST_IMAGE, Cluster, create_relay, events, exists
+from tests.operator.support import Cluster, create_relay, events, exists
 
 pytestmark = pytest.mark.cluster
 
 POD = (("configmap", "{}-config"), ("persistentvolumeclaim", "{}-spool"), ("deployment", "{}"))
 OTHERS = (("service", "{}"), ("service", "{}-metrics"))
-
-
-@pytest.fixture
-def context(control_plane: ControlPlane) -> Iterator[reconcile.Context]:
-    """As the operator makes it: a stage's objects are applied side by side."""
-    with control_plane.api_client() as api_client, ThreadPoolExecutor(2) as side:
-        kube = Kube(api_client)
-        yield reconcile.Context(
-            kube=kube,
-            recorder=Recorder(kube, component=api.FIELD_MANAGER, instance=socket.gethostname()),
-            defaults=render.OperatorDefaults(relay_image=TEST_IMAGE),
-            side=side,
-        )
 
 
 def _present(cluster: Cluster, kinds: tuple[tuple[str, str], ...], name: str) -> list[bool]:

@@ -10,18 +10,15 @@ test_phases.py, and what they left is read back from the API server.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from smtprelay_operator import api, pruning, reconcile, render
-from smtprelay_operator.events import Recorder
-from smtprelay_operator.kube import Kube
+from smtprelay_operator import pruning, reconcile
 
 from tests.cluster.controlplane import ControlPlane
-from tests.operator.support import TEST_IMAGE, Cluster, create_relay
+from tests.operator.support import Cluster, create_relay
 
 pytestmark = pytest.mark.cluster
 
@@ -72,17 +69,6 @@ def monitoring_crds(control_plane: ControlPlane) -> Iterator[None]:
     )
     yield
     control_plane.kubectl("delete", "crd", *names, "--wait=true", "--timeout=60s")
-
-
-@pytest.fixture
-def context(control_plane: ControlPlane) -> Iterator[reconcile.Context]:
-    with control_plane.api_client() as api_client:
-        kube = Kube(api_client)
-        yield reconcile.Context(
-            kube=kube,
-            recorder=Recorder(kube, component=api.FIELD_MANAGER, instance=socket.gethostname()),
-            defaults=render.OperatorDefaults(relay_image=TEST_IMAGE),
-        )
 
 
 def _monitoring(cluster: Cluster, name: str) -> list[bool]:
