@@ -39,6 +39,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_udp_and_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on ``host`` (a DNS server listens on both)."""
+    while True:
+        port = free_port(host)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+
+
 def wait_for(
     condition: Callable[[], Any], *, timeout: float = 15.0, interval: float = 0.05, what: str = ""
 ) -> Any:
@@ -79,14 +91,29 @@ class Zone:
 
 
 class Dnsmasq:
-    """dnsmasq on 127.0.0.1:<free port> (or another local `address`), authoritative for .test."""
+    """dnsmasq on 127.0.0.1:<free port> (or another local `address`), authoritative for .test.
+
+    A port free for TCP may still be held for UDP (a resolver's ephemeral query socket, the
+    relay's own among them), and dnsmasq then exits with "Address already in use". The port
+    is chosen free for both, and a dnsmasq that exits while starting is started again on
+    another port, so a busy port never costs a test.
+    """
 
     def __init__(self, zone: Zone, log_dir: Path, *, address: str = "127.0.0.1") -> None:
-        self.port = free_port()
-        self.server = f"{address}:{self.port}"
-        binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
         self._log = (log_dir / "dnsmasq.log").open("w")
-        self.process = subprocess.Popen(
+        for _attempt in range(5):
+            self.port = free_udp_and_tcp_port(address)
+            self.server = f"{address}:{self.port}"
+            self.process = self._start(zone, address)
+            if self._answers_or_exits(address):
+                return
+            self._log.write(f"--- dnsmasq exited with {self.process.returncode}; new port\n")
+            self._log.flush()
+        raise AssertionError(f"dnsmasq would not start; see {log_dir / 'dnsmasq.log'}")
+
+    def _start(self, zone: Zone, address: str) -> subprocess.Popen[bytes]:
+        binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+        return subprocess.Popen(
             [
                 binary,
                 "--keep-in-foreground",
@@ -105,20 +132,25 @@ class Dnsmasq:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+
+    def _answers_or_exits(self, address: str) -> bool:
+        """True once dnsmasq answers; False when it exited before it did."""
         resolver = dns.resolver.Resolver(configure=False)
         resolver.nameservers = [dns.nameserver.Do53Nameserver(address, self.port)]
         resolver.lifetime = 0.5
 
-        def answers() -> bool:
+        def settled() -> str:
+            if self.process.poll() is not None:
+                return "exited"
             try:
                 resolver.resolve("probe.test", "A")
             except dns.resolver.NXDOMAIN:
-                return True
+                return "answers"
             except Exception:
-                return False
-            return True
+                return ""
+            return "answers"
 
-        wait_for(answers, timeout=10, what="dnsmasq to answer")
+        return bool(wait_for(settled, timeout=10, what="dnsmasq to answer") == "answers")
 
     def stop(self) -> None:
         self.process.terminate()
