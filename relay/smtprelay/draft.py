@@ -61,7 +61,8 @@ class Draft:
     by `discard`.
 
     The file is written under its final name, flock'ed by the writer from its creation
-    until just after the 250, and declares its own length in the envelope line: the length
+    until just after the 250 (after the session's next reply: `RelaySMTP._replied`), and
+    declares its own length in the envelope line: the length
     is written (over a placeholder of 0) just before the fsync. So one journal commit makes
     the data, the declared length and the directory entry durable together (on ext4 a
     file's fsync commits the transaction that created its name; the directory's fsync, run
@@ -73,10 +74,11 @@ class Draft:
 
     What arrives is gathered in memory and handed to a writer thread once ``SPILL_AT``
     octets are waiting, so a session holds at most ``SPILL_AT`` plus one read of its body,
-    and the event loop never creates, writes or unlinks a file: on a journalling filesystem
-    any of those can wait for a journal commit, stalling every session of the worker. A
-    message smaller than ``SPILL_AT`` touches the disk once, in `Spool.commit`'s single
-    thread hop. A write that fails (a full volume) is remembered in ``error`` and later
+    and the event loop never creates, writes or unlinks a file while it serves other
+    sessions: on a journalling filesystem any of those can wait for a journal commit,
+    stalling every session of the worker. A message smaller than ``SPILL_AT`` touches the
+    disk once, in `Spool.commit`'s single thread hop (or on the loop, for a session alone
+    on it: ``small``). A write that fails (a full volume) is remembered in ``error`` and later
     writes are skipped, so the session can read the rest of the message and answer 4xx.
     """
 
@@ -94,6 +96,11 @@ class Draft:
         self._writers = writers
         self._lock = threading.Lock()  # a spill still running when the session is aborted
         self._discarded = False
+
+    @property
+    def small(self) -> bool:
+        """Nothing written yet and all of it in memory: the commit is one short write."""
+        return self._fd is None and len(self._pending) < SPILL_AT
 
     def add(self, data: bytes) -> None:
         """Append ``data`` in memory (the caller keeps it small; see `write`)."""

@@ -42,6 +42,7 @@ from smtprelay.transcript import mask_auth, record
 
 MAX_HOPS = 50
 PROXY_TIMEOUT = 10.0  # seconds a trusted load balancer has to send its PROXY header
+AFTER_REPLY_WAIT = 0.02  # seconds a 250's follow-up waits at most for the next reply
 MAX_RECIPIENTS = 1000
 
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
@@ -157,6 +158,8 @@ class RelaySMTP(LingeringClose, StreamingData, EsmtpParameters, SMTP):
         self._errors_limit = errors_limit
         self._data_timeout = data_timeout
         self._continued: list[str] = []  # lines of a multi-line reply, sent with its last
+        self._after_next: list[Callable[[], None]] = []  # see `_replied`
+        self._after_timer: asyncio.TimerHandle | None = None
         if debug_enabled():
             self._smtp_methods = {
                 name: self._transcribed(name, method) for name, method in self._smtp_methods.items()
@@ -212,12 +215,51 @@ class RelaySMTP(LingeringClose, StreamingData, EsmtpParameters, SMTP):
         if debug_enabled():
             record("out", self.peer_text, status)
         await super().push(status)
+        self._replied()
         if status[:1] in ("4", "5") and not status.startswith("421"):
             self._errors += 1
             if self._errors >= self._errors_limit:
                 METRICS.refused.labels(reason="error_limit").inc()
                 mail_log().info("disconnected", client=self._client, reason="error_limit")
                 self._hang_up(TOO_MANY_ERRORS)
+
+    # --- work that waits for the client's next command ---------------------------------
+
+    def _replied(self) -> None:
+        """A reply is written. What waited for the reply after a 250 (the handler's
+        ``after_reply``: letting go of the spooled file, which starts its delivery, and the
+        ``accepted`` log line) runs now, while the client reads this reply and sends its
+        next command; what the reply just written leaves behind waits for the next one.
+
+        Run at once after the 250, that work landed in the one gap a client never fills:
+        it answers a 250 with its next command (QUIT, mostly) within microseconds, and
+        waited ~0.1 ms for it. After the next reply (the 221) it overlaps with the
+        client's hang-up instead. A client that sends nothing more for ``AFTER_REPLY_WAIT``
+        seconds, or hangs up, does not hold it back (`_run_after`)."""
+        due, self._after_next = self._after_next, []
+        pending = getattr(self.session, "after_reply", None)
+        if pending:
+            self._after_next = list(pending)
+            pending.clear()
+            if self._after_timer is None:
+                self._after_timer = self.loop.call_later(AFTER_REPLY_WAIT, self._run_after)
+        for work in due:
+            work()
+        if not self._after_next and self._after_timer is not None:
+            self._after_timer.cancel()
+            self._after_timer = None
+
+    def _run_after(self) -> None:
+        self._after_timer = None
+        due, self._after_next = self._after_next, []
+        for work in due:
+            work()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._after_timer is not None:
+            self._after_timer.cancel()
+        self._run_after()
+        super().connection_lost(error)
 
     # --- graceful stop ----------------------------------------------------------------
 
@@ -359,6 +401,9 @@ class RelayHandler:
         self._spool = spool
         self._clock = clock
         self._networks: dict[int, tuple[MailSettings, list[Network]]] = {}
+        # whether the session asking is the only one this event loop serves (see
+        # `Spool.commit`); the service that counts its sessions sets it
+        self.alone: Callable[[], bool] = lambda: False
 
     def settings(self, session: Session) -> MailSettings:
         """The settings this session began with: read from the live holder once, at its
@@ -553,7 +598,7 @@ class RelayHandler:
             draft.discard()
             return self._refuse(session, *refusal, **facts)
         try:
-            stored = await self._spool.commit(draft)
+            stored = await self._spool.commit(draft, alone=self.alone(), hold=True)
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 return self._refuse(
@@ -569,9 +614,10 @@ class RelayHandler:
                 **facts,
             )
         METRICS.accepted.inc()
-        # Logged just after the 250 is written (the next turn of the loop, before the
-        # session's next command): the client need not wait for the log line.
-        asyncio.get_running_loop().call_soon(
+        # The message is durable. The log line and letting go of the file (which starts
+        # its delivery) wait for the session's next reply: RelaySMTP._replied.
+        after: list[Callable[[], None]] = session.__dict__.setdefault("after_reply", [])
+        after.append(
             functools.partial(
                 mail_log().info,
                 "accepted",
@@ -583,6 +629,7 @@ class RelayHandler:
                 **facts,
             )
         )
+        after.append(functools.partial(self._spool.release, draft))
         return f"250 2.0.0 Ok: queued as {stored.id}"
 
 

@@ -230,6 +230,7 @@ def _session_factory(
     """One aiosmtpd protocol per connection, sharing the relay's policy and state; each
     connection takes the settings current when it is made."""
     handler = RelayHandler(settings=live.current, hostname=hostname, spool=spool)
+    handler.alone = lambda: len(sessions.open) == 1
     limiter = FailureLimiter()
     trusted: dict[str, Any] = {}
 

@@ -339,20 +339,32 @@ class Spool(QueueFiles):
         )
         return Draft(envelope, self.queue_dir / f"{queue_id}{_SUFFIX}", self._writer_pool())
 
-    async def commit(self, draft: Draft) -> Envelope:
+    async def commit(self, draft: Draft, *, alone: bool = False, hold: bool = False) -> Envelope:
         """Make a draft durable: its length, the fsync and the grouped directory fsync, in
         one hop to a writer thread, as `enqueue` does; when this returns, the message
-        survives any crash."""
+        survives any crash.
+
+        ``alone``: the caller's session is the only one its event loop serves, so nothing
+        else would wait while the disk does; the commit then runs on the loop itself, the
+        file's fsync and the directory's one after the other, as Postfix's cleanup does in
+        its own process. The two thread hops it saves (~0.25 ms) are a tenth of what one
+        client waits for its 250 on a fast disk; on a slow one, only that client waits.
+
+        The file stays open and locked until `release` (on the loop's next turn, after the
+        caller's 250, unless ``hold``: then the caller calls `release` when it will)."""
         if draft.error is not None:
             raise draft.error
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer_pool(), self._commit_draft, draft)
-        # Durable now. Letting go of the file (and telling who delivers it) waits for the
-        # loop's next turn, after the caller has written its 250.
-        loop.call_soon(self._release, draft)
+        if alone and draft.small:
+            self._commit_here(draft)
+        else:
+            await loop.run_in_executor(self._writer_pool(), self._commit_draft, draft)
+        if not hold:
+            loop.call_soon(self.release, draft)
         return draft.envelope
 
-    def _release(self, draft: Draft) -> None:
+    def release(self, draft: Draft) -> None:
+        """Let go of a committed draft's file: its delivery may start."""
         draft.close()
         for listener in self._listeners:
             listener(draft.envelope.id)
@@ -370,6 +382,16 @@ class Spool(QueueFiles):
                 failed = directory.exception()
             if failed is not None:
                 raise failed
+        except OSError:
+            draft.discard()
+            raise
+
+    def _commit_here(self, draft: Draft) -> None:
+        """`_commit_draft` in the caller's thread: the file's fsync, then the directory's."""
+        try:
+            draft.write_rest()
+            draft.sync()
+            self._queue_sync.sync()
         except OSError:
             draft.discard()
             raise

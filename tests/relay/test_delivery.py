@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import smtplib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.peers import Dnsmasq, Relay, Sink, Zone, wait_for
-from tests.relay.mail import send
+from tests.relay.mail import message, send
 
 Start = Callable[..., Any]
 
@@ -38,6 +40,10 @@ def _relay(start_relay: Start, dns: Dnsmasq, port: int, **settings: Any) -> Rela
             config[key] = value
     relay: Relay = start_relay(config)
     return relay
+
+
+def _logged(relay: Relay, event: str, count: int) -> bool:
+    return len(relay.events(event)) == count
 
 
 def _gateway_relay(start_relay: Start, dns: Dnsmasq, port: int, **settings: Any) -> Relay:
@@ -162,6 +168,34 @@ class TestGateway:
         wait_for(lambda: relay.events("delivery"), what="the logged attempt")
         assert [e["route"] for e in relay.events("delivery")] == ["gateway"]
         assert mx.messages == []
+
+
+class TestAfterThe250:
+    def test_a_client_that_stays_silent_after_its_250_does_not_hold_its_mail_back(
+        self, start_dns: Start, start_sink: Start, start_relay: Start, smtp_port: int
+    ) -> None:
+        """What follows a 250 (the `accepted` line, letting go of the file, which starts
+        its delivery) waits at most for the client's next command; a client that keeps
+        the session open and says nothing more still has its message logged and
+        delivered, and two messages on one session both arrive."""
+        dns = start_dns(_zone())
+        gateway: Sink = start_sink("127.0.0.9", smtp_port)
+        relay = _gateway_relay(start_relay, dns, smtp_port)
+        with smtplib.SMTP("127.0.0.1", relay.port, timeout=30) as client:
+            client.ehlo("client.test")
+            for number in (1, 2):
+                subject = f"silent after {number}"
+                data = message("alice@sender.test", ["bob@example.test"], subject)
+                client.sendmail("alice@sender.test", ["bob@example.test"], data)
+                got = gateway.wait_for_messages(number, timeout=10)
+                assert got[-1].message["Subject"] == subject
+                wait_for(
+                    functools.partial(_logged, relay, "accepted", number),
+                    timeout=10,
+                    what="the accepted line while the session is open",
+                )
+            assert client.noop()[0] == 250  # the session is still open
+        wait_for(lambda: relay.queued() == [], what="the spool to empty")
 
 
 class TestConnectionCache:

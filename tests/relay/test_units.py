@@ -272,19 +272,78 @@ class TestSpool:
         assert began == [1, 2]
         assert done["b"] == 2  # not released by the fsync that was running when it came
 
-    def test_a_failed_directory_fsync_refuses_the_message(
-        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    @pytest.mark.parametrize("alone", [False, True], ids=["writer-thread", "alone-on-loop"])
+    def test_a_commit_fsyncs_the_file_then_the_directory_before_it_returns(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, alone: bool
     ) -> None:
-        """When the directory cannot be fsynced the enqueue fails and leaves no message."""
+        """The 250 waits for the file's fsync and the directory's, whether the commit runs
+        in a writer thread or, for a session alone on its loop, on the loop itself (no
+        thread hop). The lone commit stays on the loop's thread; a message that spilled
+        to disk while it arrived still goes to a writer thread."""
+        synced: list[tuple[str, str]] = []
+        real_fsync = os.fsync
+
+        def fsync(fd: int) -> None:
+            synced.append(("file", threading.current_thread().name))
+            real_fsync(fd)
+
+        def fsync_dir(path: Path) -> None:
+            synced.append(("directory", threading.current_thread().name))
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                real_fsync(fd)
+            finally:
+                os.close(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(spool, "_fsync_dir", fsync_dir)
+        queue = Spool(tmp_path)
+
+        async def receive(queue_id: str, size: int) -> list[tuple[str, str]]:
+            draft = queue.draft(sender="", recipients=("b@y.test",), client="", queue_id=queue_id)
+            await draft.write(b"Subject: s\r\n\r\n" + b"x" * size)
+            synced.clear()
+            await queue.commit(draft, alone=alone)
+            return list(synced)
+
+        small = asyncio.run(receive("q4", 100))
+        assert [kind for kind, _ in small] == ["file", "directory"] or (
+            not alone and sorted(kind for kind, _ in small) == ["directory", "file"]
+        )
+        loop_thread = threading.main_thread().name
+        assert all((thread == loop_thread) is alone for _, thread in small), small
+        spilled = asyncio.run(receive("q5", spool.SPILL_AT + 1))
+        assert {kind for kind, _ in spilled} == {"file", "directory"}
+        assert all(thread != loop_thread for _, thread in spilled), spilled
+        for queue_id in ("q4", "q5"):
+            with queue.locked(queue_id) as present:
+                assert present
+                queue.open_message(queue_id)  # complete: its declared length is its size
+
+    @pytest.mark.parametrize("path", ["enqueue", "lone-commit"])
+    def test_a_failed_directory_fsync_refuses_the_message(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+    ) -> None:
+        """When the directory cannot be fsynced the enqueue, or the commit of a session
+        alone on its loop, fails and leaves no message."""
 
         def failing(path: Path) -> None:
             raise OSError(errno.EIO, "I/O error")
 
         monkeypatch.setattr(spool, "_fsync_dir", failing)
         queue = Spool(tmp_path)
+
+        async def receive() -> None:
+            if path == "enqueue":
+                await queue.enqueue(sender="", recipients=("a@x.test",), data=b"x")
+                return
+            draft = queue.draft(sender="", recipients=("b@y.test",), client="", queue_id="q6")
+            await draft.write(b"Subject: s\r\n\r\nbody\r\n")
+            await queue.commit(draft, alone=True)
+
         with pytest.raises(OSError, match="I/O error"):
-            asyncio.run(queue.enqueue(sender="", recipients=("a@x.test",), data=b"x"))
-        assert list(queue.ids()) == []
+            asyncio.run(receive())
+        assert list((tmp_path / "queue").iterdir()) == []
 
     def test_state_records_progress_and_pending_recipients(self, tmp_path: Path) -> None:
         """Saved state survives a new Spool object; pending excludes settled recipients."""
