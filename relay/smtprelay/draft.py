@@ -62,12 +62,11 @@ class Draft:
 
     The file is written under its final name, flock'ed by the writer from its creation
     until just after the 250 (after the session's next reply: `RelaySMTP._replied`), and
-    declares its own length in the envelope line: the length
-    is written (over a placeholder of 0) just before the fsync. So one journal commit makes
-    the data, the declared length and the directory entry durable together (on ext4 a
-    file's fsync commits the transaction that created its name; the directory's fsync, run
-    alongside, waits for the same one), where a temporary name renamed into place took a
-    second commit. A reader that takes the lock and finds the length wrong has a file a
+    declares its own length in the envelope line: the length is written (over a
+    placeholder of 0) just before the fsync. So one journal commit makes the data, the
+    declared length and the directory entry durable together (on ext4 a file's fsync
+    commits the transaction that created its name; the directory's fsync after it finds
+    that done), where a temporary name renamed into place took a second commit. A reader that takes the lock and finds the length wrong has a file a
     crash cut short, which never got a 250 (once it is `INCOMPLETE_GRACE` old: a younger
     one may be a writer's between its create and its lock); until the writer lets go,
     attempts find it busy.
