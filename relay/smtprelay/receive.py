@@ -109,6 +109,14 @@ def received_header(
     ).encode("utf-8", "replace")
 
 
+def _run(works: list[Callable[[], None]]) -> None:
+    for work in works:
+        try:
+            work()
+        except Exception:  # one failing step must not skip the others or end the session
+            system_log().exception("after_reply_failed")
+
+
 _NAMES: dict[tuple[type, tuple[str, ...]], list[str]] = {}
 
 
@@ -236,28 +244,33 @@ class RelaySMTP(LingeringClose, StreamingData, EsmtpParameters, SMTP):
         waited ~0.1 ms for it. After the next reply (the 221) it overlaps with the
         client's hang-up instead. A client that sends nothing more for ``AFTER_REPLY_WAIT``
         seconds, or hangs up, does not hold it back (`_run_after`)."""
-        due, self._after_next = self._after_next, []
-        pending = getattr(self.session, "after_reply", None)
-        if pending:
-            self._after_next = list(pending)
-            pending.clear()
-            if self._after_timer is None:
-                self._after_timer = self.loop.call_later(AFTER_REPLY_WAIT, self._run_after)
-        for work in due:
-            work()
-        if not self._after_next and self._after_timer is not None:
+        due, self._after_next = self._after_next, self._taken()
+        if self._after_next and self._after_timer is None:
+            self._after_timer = self.loop.call_later(AFTER_REPLY_WAIT, self._run_after)
+        elif not self._after_next and self._after_timer is not None:
             self._after_timer.cancel()
             self._after_timer = None
+        _run(due)
+
+    def _taken(self) -> list[Callable[[], None]]:
+        """What the handler left for after its reply (`RelayHandler.end_message`)."""
+        pending: list[Callable[[], None]] | None = getattr(self.session, "after_reply", None)
+        if not pending:
+            return []
+        taken = list(pending)
+        pending.clear()
+        return taken
 
     def _run_after(self) -> None:
-        self._after_timer = None
-        due, self._after_next = self._after_next, []
-        for work in due:
-            work()
-
-    def connection_lost(self, error: Exception | None) -> None:
+        """Everything still waiting, now: no next reply came in time, or none will (the
+        client hung up, or the 250 itself could not be written)."""
         if self._after_timer is not None:
             self._after_timer.cancel()
+            self._after_timer = None
+        due, self._after_next = [*self._after_next, *self._taken()], []
+        _run(due)
+
+    def connection_lost(self, error: Exception | None) -> None:
         self._run_after()
         super().connection_lost(error)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -357,10 +358,25 @@ class Spool(QueueFiles):
         if alone and draft.small:
             self._commit_draft(draft)
         else:
-            await loop.run_in_executor(self._writer_pool(), self._commit_draft, draft)
+            writing = loop.run_in_executor(self._writer_pool(), self._commit_draft, draft)
+            try:
+                await asyncio.shield(writing)
+            except asyncio.CancelledError:
+                # The session went away (its task is cancelled) while a writer makes the
+                # message durable. Once durable it is delivered like any other, so its
+                # file must not stay locked by this process for good: let go of it when
+                # the writer is done. (The client got no 250 and may send it again: the
+                # duplicate RFC 1047 describes, which SMTP accepts over a loss.)
+                writing.add_done_callback(functools.partial(self._settled, draft))
+                raise
         if not hold:
             loop.call_soon(self.release, draft)
         return draft.envelope
+
+    def _settled(self, draft: Draft, writing: asyncio.Future[None]) -> None:
+        """A commit whose session is gone has ended: a durable message is let go."""
+        if not writing.cancelled() and writing.exception() is None:
+            self.release(draft)
 
     def release(self, draft: Draft) -> None:
         """Let go of a committed draft's file: its delivery may start."""

@@ -318,6 +318,47 @@ class TestSpool:
                 assert present
                 queue.open_message(queue_id)  # complete: its declared length is its size
 
+    def test_a_commit_whose_session_is_gone_lets_go_of_the_file_once_durable(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The client vanishes (its session's task is cancelled) while a writer thread
+        makes its message durable: the message is kept and, once the writer is done, let
+        go of, so another worker can deliver it; it must not stay locked by this process.
+        The fsync is held until the test lets it finish (a stand-in: a real disk cannot be
+        made to be slow on cue)."""
+        entered, finish = threading.Event(), threading.Event()
+        real_sync = spool.Draft.sync
+
+        def slow_sync(draft: spool.Draft) -> None:
+            entered.set()
+            assert finish.wait(10)
+            real_sync(draft)
+
+        monkeypatch.setattr(spool.Draft, "sync", slow_sync)
+        queue = Spool(tmp_path)
+
+        async def vanish() -> bool:
+            draft = queue.draft(sender="", recipients=("b@y.test",), client="", queue_id="q7")
+            await draft.write(b"Subject: s\r\n\r\nbody\r\n")
+            session = asyncio.ensure_future(queue.commit(draft))
+            assert await asyncio.to_thread(entered.wait, 10)
+            session.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await session
+            finish.set()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    with queue.locked("q7") as present:
+                        return present
+                except spool.Busy:
+                    await asyncio.sleep(0.01)
+            return False
+
+        assert asyncio.run(vanish())
+        with queue.locked("q7"):
+            queue.open_message("q7")  # whole: its declared length is its size
+
     @pytest.mark.parametrize("path", ["enqueue", "lone-commit"])
     def test_a_failed_directory_fsync_refuses_the_message(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
