@@ -66,10 +66,10 @@ class Draft:
     placeholder of 0) just before the fsync. So one journal commit makes the data, the
     declared length and the directory entry durable together (on ext4 a file's fsync
     commits the transaction that created its name; the directory's fsync after it finds
-    that done), where a temporary name renamed into place took a second commit. A reader that takes the lock and finds the length wrong has a file a
-    crash cut short, which never got a 250 (once it is `INCOMPLETE_GRACE` old: a younger
-    one may be a writer's between its create and its lock); until the writer lets go,
-    attempts find it busy.
+    that done), where a temporary name renamed into place took a second commit. A reader
+    that takes the lock and finds the length wrong has a file a crash cut short, which
+    never got a 250 (once it is `INCOMPLETE_GRACE` old: a younger one may be a writer's
+    between its create and its lock); until the writer lets go, attempts find it busy.
 
     What arrives is gathered in memory and handed to a writer thread once ``SPILL_AT``
     octets are waiting, so a session holds at most ``SPILL_AT`` plus one read of its body,
@@ -77,8 +77,9 @@ class Draft:
     sessions: on a journalling filesystem any of those can wait for a journal commit,
     stalling every session of the worker. A message smaller than ``SPILL_AT`` touches the
     disk once, in `Spool.commit`'s single thread hop (or on the loop, for a session alone
-    on it: ``small``). A write that fails (a full volume) is remembered in ``error`` and later
-    writes are skipped, so the session can read the rest of the message and answer 4xx.
+    on it: ``small``). A write that fails (a full volume) is remembered in ``error`` and
+    later writes are skipped, so the session can read the rest of the message and answer
+    4xx.
     """
 
     def __init__(self, envelope: Envelope, path: Path, writers: ThreadPoolExecutor) -> None:
